@@ -1,0 +1,43 @@
+"""prunekit: pruning as a normal part of PyTorch training.
+
+The mask engine: tensor-level mask functions, the model-level :class:`Pruner`, sparsity
+reports and activation pruning. Schedules, Lightning callbacks and experiment runners
+live in ``prunekit.schedules``, ``prunekit.callbacks`` and ``prunekit.experiments``.
+"""
+
+from prunekit._masks import (
+    get_method,
+    global_magnitude_masks,
+    list_methods,
+    ln_structured_mask,
+    magnitude_mask,
+    nm_mask,
+    prune,
+    prune_,
+    random_mask,
+    random_structured_mask,
+    register_method,
+)
+from prunekit._pruner import DEFAULT_MODULE_TYPES, Pruner
+from prunekit._report import SparsityReport, TargetSparsity
+from prunekit._state import pack_mask, unpack_mask
+
+__all__ = [
+    "DEFAULT_MODULE_TYPES",
+    "Pruner",
+    "SparsityReport",
+    "TargetSparsity",
+    "get_method",
+    "global_magnitude_masks",
+    "list_methods",
+    "ln_structured_mask",
+    "magnitude_mask",
+    "nm_mask",
+    "pack_mask",
+    "prune",
+    "prune_",
+    "random_mask",
+    "random_structured_mask",
+    "register_method",
+    "unpack_mask",
+]

@@ -1,0 +1,294 @@
+"""Tensor-level pruning: pure functions from a tensor (and an optional previous mask) to a
+``torch.bool`` mask of the same shape, True = kept. Inputs are never modified.
+
+Every ``amount`` is absolute: a float is the fraction of entries (or slices) pruned
+afterwards, an int is that count. Entries already pruned by ``mask`` stay pruned and count
+toward the amount; the count is exact, ties broken by position (lower index pruned first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prunekit._select import KeySource, MagnitudeKeys, RandomKeys, ScoreKeys, prune_lowest
+from prunekit._validate import amount_to_count, check_dim, check_mask, check_tensor, suggest
+
+MaskFn = Callable[..., Tensor]
+_METHODS: dict[str, MaskFn] = {}
+UNSTRUCTURED = frozenset({"magnitude", "random"})
+
+
+def register_method(name: str) -> Callable[[MaskFn], MaskFn]:
+    """Register a mask function ``fn(t, amount, **kw) -> bool mask`` under ``name``.
+
+    >>> @register_method("sign_demo")
+    ... def sign_mask(t, amount, **kw):
+    ...     return t >= 0
+    >>> "sign_demo" in list_methods()
+    True
+    """
+
+    def add(fn: MaskFn) -> MaskFn:
+        if name in _METHODS:
+            raise ValueError(f"a pruning method named {name!r} is already registered")
+        _METHODS[name] = fn
+        return fn
+
+    return add
+
+
+def list_methods() -> list[str]:
+    """Names of the registered pruning methods.
+
+    >>> {"magnitude", "random", "ln_structured", "nm"} <= set(list_methods())
+    True
+    """
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MaskFn:
+    """The mask function registered as ``name``; unknown names list the valid ones."""
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(
+            f"method={name!r} is not a pruning method{suggest(str(name), _METHODS)}; "
+            f"choose one of {list_methods()}"
+        )
+    return _METHODS[name]
+
+
+def _start_mask(t: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+    return check_mask(mask, t.shape).clone(memory_format=torch.contiguous_format)
+
+
+def _extra_count(amount: float | int, total: int, already: int) -> int:
+    target = amount_to_count(amount, total)
+    if target < already:
+        raise ValueError(
+            f"amount={amount} asks for {target} pruned of {total}, but the given mask already "
+            f"prunes {already}; masks only shrink (amount is absolute, not relative)"
+        )
+    return target - already
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _prune_entries(t: Tensor, amount: float | int, mask: Tensor | None, source: KeySource) -> Tensor:
+    new = _start_mask(t, mask)
+    k = _extra_count(amount, t.numel(), t.numel() - int(new.count_nonzero()))
+    prune_lowest(source, [new], k, ["t"])
+    return new
+
+
+@register_method("magnitude")
+def magnitude_mask(
+    t: Tensor, amount: float | int, *, mask: Tensor | None = None, scores: Tensor | None = None
+) -> Tensor:
+    """Unstructured L1 pruning: prune the entries of smallest ``|t|`` (or lowest ``scores``).
+
+    >>> magnitude_mask(torch.tensor([0.5, -3.0, 0.1, 2.0]), 0.5)
+    tensor([False,  True, False,  True])
+    """
+    check_tensor(t)
+    if scores is None:
+        return _prune_entries(t, amount, mask, MagnitudeKeys([t]))
+    check_tensor(scores, "scores")
+    if scores.shape != t.shape:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
+    return _prune_entries(t, amount, mask, ScoreKeys([scores]))
+
+
+@register_method("random")
+def random_mask(
+    t: Tensor,
+    amount: float | int,
+    *,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Unstructured random pruning: prune ``amount`` entries chosen uniformly at random.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> int(random_mask(torch.ones(10), 3, generator=g).sum())
+    7
+    """
+    check_tensor(t)
+    return _prune_entries(t, amount, mask, RandomKeys(_seed(generator)))
+
+
+def _slice_norms(t: Tensor, n: float, dim: int) -> Tensor:
+    others = [d for d in range(t.ndim) if d != dim]
+    if not others:
+        return t.abs() if n != 0 else (t != 0).to(t.dtype)
+    return torch.linalg.vector_norm(t, ord=n, dim=others)
+
+
+def _prune_slices(
+    t: Tensor, amount: float | int, dim: int, mask: Tensor | None, source: KeySource
+) -> Tensor:
+    new = _start_mask(t, mask)
+    others = [d for d in range(t.ndim) if d != dim]
+    alive = new.any(dim=others) if others else new.clone()
+    k = _extra_count(amount, t.shape[dim], t.shape[dim] - int(alive.count_nonzero()))
+    prune_lowest(source, [alive], k, ["t"])
+    shape = [1] * t.ndim
+    shape[dim] = -1
+    new &= alive.view(shape)
+    return new
+
+
+@register_method("ln_structured")
+def ln_structured_mask(
+    t: Tensor,
+    amount: float | int,
+    *,
+    n: float = 2,
+    dim: int = 0,
+    mask: Tensor | None = None,
+    scores: Tensor | None = None,
+) -> Tensor:
+    """Structured pruning: prune whole slices along ``dim`` with the smallest Ln norm.
+
+    ``n`` is 1, 2, ``inf`` or 0 (the count of non-zeros); ``amount`` counts slices.
+    ``scores`` (one per slice) replaces the norms. Pruned entries of ``mask`` are zero
+    when norms are taken.
+
+    >>> w = torch.tensor([[1.0, 1.0], [3.0, 0.0], [0.1, 0.2]])
+    >>> ln_structured_mask(w, 1, n=1, dim=0)[:, 0]
+    tensor([ True,  True, False])
+    """
+    check_tensor(t)
+    dim = check_dim(dim, t.ndim)
+    if n not in (0, 1, 2, math.inf) or isinstance(n, bool):
+        raise ValueError(f"n={n!r} must be one of 0, 1, 2, inf")
+    if scores is None:
+        weights = t.detach() if mask is None else t.detach() * check_mask(mask, t.shape)
+        scores = _slice_norms(weights.float(), n, dim)
+    else:
+        check_tensor(scores, "scores")
+        if scores.shape != (t.shape[dim],):
+            raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({t.shape[dim]},)")
+    return _prune_slices(t, amount, dim, mask, ScoreKeys([scores]))
+
+
+@register_method("random_structured")
+def random_structured_mask(
+    t: Tensor,
+    amount: float | int,
+    *,
+    dim: int = 0,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Structured random pruning: prune ``amount`` whole slices along ``dim`` at random.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = random_structured_mask(torch.ones(4, 3), 2, dim=0, generator=g)
+    >>> m.all(dim=1).sum().item(), (~m).all(dim=1).sum().item()
+    (2, 2)
+    """
+    check_tensor(t)
+    dim = check_dim(dim, t.ndim)
+    return _prune_slices(t, amount, dim, mask, RandomKeys(_seed(generator)))
+
+
+@register_method("nm")
+def nm_mask(
+    t: Tensor, n: int = 2, m: int = 4, *, dim: int = -1, scores: Tensor | None = None
+) -> Tensor:
+    """N:M semi-structured pruning: in every group of ``m`` consecutive entries along
+    ``dim``, keep the ``n`` of largest ``|t|`` (or ``scores``); ties keep the lower index.
+
+    >>> nm_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4)
+    tensor([[ True, False,  True, False]])
+    """
+    check_tensor(t)
+    dim = check_dim(dim, t.ndim)
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}={value!r} must be an int")
+    if not 0 < n <= m:
+        raise ValueError(f"n={n}, m={m}: need 0 < n <= m")
+    if t.shape[dim] % m:
+        raise ValueError(f"m={m} does not divide the size {t.shape[dim]} of dim={dim}")
+    if scores is None:
+        scores = t.detach().abs()
+    elif scores.shape != t.shape:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
+    groups = scores.movedim(dim, -1).reshape(-1, m)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order[:, :n], True)
+    moved = t.movedim(dim, -1).shape
+    return keep.reshape(moved).movedim(-1, dim).contiguous()
+
+
+def global_magnitude_masks(
+    named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+    amount: float | int,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One magnitude ranking across several tensors: exactly ``round(amount·N)`` of all
+    ``N`` entries are pruned afterwards, wherever they lie.
+
+    >>> masks = global_magnitude_masks({"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([2.0, 0.5])}, 0.5)
+    >>> masks["a"].tolist(), masks["b"].tolist()
+    ([False, True], [True, False])
+    """
+    named = dict(named_tensors)
+    if not named:
+        raise ValueError("named_tensors is empty: nothing to prune")
+    masks = dict(masks or {})
+    unknown = set(masks) - set(named)
+    if unknown:
+        raise ValueError(f"masks names {sorted(unknown)} that are not in named_tensors")
+    new = {}
+    for name, t in named.items():
+        check_tensor(t, name)
+        new[name] = _start_mask(t, masks.get(name))
+    total = sum(t.numel() for t in named.values())
+    already = total - sum(int(m.count_nonzero()) for m in new.values())
+    k = _extra_count(amount, total, already)
+    prune_lowest(MagnitudeKeys(list(named.values())), list(new.values()), k, list(named))
+    return new
+
+
+def _mask_for(t: Tensor, method: str, amount: float | int | None, **kwargs: Any) -> Tensor:
+    fn = get_method(method)
+    if method == "nm":
+        return fn(t, **kwargs)
+    if amount is None:
+        raise TypeError(f"method={method!r} needs an amount")
+    return fn(t, amount, **kwargs)
+
+
+def prune(t: Tensor, method: str, amount: float | int | None = None, **kwargs: Any) -> Tensor:
+    """A pruned copy of ``t``: ``t * mask`` for the mask ``method`` computes.
+
+    >>> prune(torch.tensor([1.0, -2.0, 0.5, 4.0]), "magnitude", 0.5)
+    tensor([ 0., -2.,  0.,  4.])
+    >>> prune(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "nm", n=1, m=2)
+    tensor([[0., 2., 0., 4.]])
+    """
+    return t * _mask_for(t, method, amount, **kwargs)
+
+
+def prune_(t: Tensor, method: str, amount: float | int | None = None, **kwargs: Any) -> Tensor:
+    """Prune ``t`` in place and return it.
+
+    >>> t = torch.tensor([3.0, 1.0, 2.0])
+    >>> _ = prune_(t, "magnitude", 1)
+    >>> t
+    tensor([3., 0., 2.])
+    """
+    mask = _mask_for(t, method, amount, **kwargs)
+    with torch.no_grad():
+        return t.mul_(mask)
