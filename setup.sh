@@ -10,6 +10,9 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" || true
+if ! .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' \
+  >.venv/pip-install.log 2>&1; then
+  cat .venv/pip-install.log
+  exit 1
+fi
 .venv/bin/python -c "import prunekit, torch; print('prunekit ready, torch', torch.__version__)"

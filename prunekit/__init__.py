@@ -5,6 +5,7 @@ reports and activation pruning. Schedules, Lightning callbacks and experiment ru
 live in ``prunekit.schedules``, ``prunekit.callbacks`` and ``prunekit.experiments``.
 """
 
+from prunekit._activations import ActivationPruning
 from prunekit._masks import (
     get_method,
     global_magnitude_masks,
@@ -24,6 +25,7 @@ from prunekit._state import pack_mask, unpack_mask
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "ActivationPruning",
     "Pruner",
     "SparsityReport",
     "TargetSparsity",

@@ -81,7 +81,9 @@ def _seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
-def _prune_entries(t: Tensor, amount: float | int, mask: Tensor | None, source: KeySource) -> Tensor:
+def _prune_entries(
+    t: Tensor, amount: float | int, mask: Tensor | None, source: KeySource
+) -> Tensor:
     new = _start_mask(t, mask)
     k = _extra_count(amount, t.numel(), t.numel() - int(new.count_nonzero()))
     prune_lowest(source, [new], k, ["t"])

@@ -159,7 +159,9 @@ class Pruner:
 
         def match(pattern: str) -> list[str]:
             if not isinstance(pattern, str):
-                raise TypeError(f"targets entry {pattern!r} must be a name, a glob or a module type")
+                raise TypeError(
+                    f"targets entry {pattern!r} must be a name, a glob or a module type"
+                )
             found = [canonical[n] for n in canonical if fnmatch.fnmatchcase(n, pattern)]
             if not found:
                 raise ValueError(
@@ -192,7 +194,9 @@ class Pruner:
                         raise TypeError(f"targets entry {entry!r} is a type but not an nn.Module")
                     names = by_type((entry,))
                     if not names:
-                        raise ValueError(f"targets entry {entry.__name__} matches no module of the model")
+                        raise ValueError(
+                            f"targets entry {entry.__name__} matches no module of the model"
+                        )
                 else:
                     names = match(entry)
                 resolved.update({n: default(n) for n in names})
@@ -217,7 +221,9 @@ class Pruner:
         method = options.pop("method", self.method)
         sparsity = options.pop("sparsity", None)
         if sparsity is not None:
-            amount_to_count(sparsity, target.param.numel(), name=f"targets[{pattern!r}]['sparsity']")
+            amount_to_count(
+                sparsity, target.param.numel(), name=f"targets[{pattern!r}]['sparsity']"
+            )
         base = self.options if method == self.method else {}
         options = _method_options(method, {**base, **options}, f"targets[{pattern!r}]")
         return _Target(target.name, target.param, method, options, sparsity, overridden=True)
@@ -227,7 +233,7 @@ class Pruner:
         shape, opts = target.param.shape, target.options
         where = f"{target.name} (shape {tuple(shape)})"
         if "dim" in opts:
-            check_dim(opts["dim"], len(shape), name=f"dim for {where}")
+            check_dim(opts["dim"], len(shape), where=f" for {where}")
         if target.method == "nm":
             n, m = opts.get("n", 2), opts.get("m", 4)
             dim = opts.get("dim", -1)
@@ -271,12 +277,14 @@ class Pruner:
     def _plan(self, sparsity: Any, scores: dict[str, Tensor]) -> _Plan:
         for name, score in scores.items():
             if name not in self._targets:
-                raise ValueError(f"scores names {name!r}, not a target{suggest(name, self._targets)}")
+                raise ValueError(
+                    f"scores names {name!r}, not a target{suggest(name, self._targets)}"
+                )
             if not isinstance(score, Tensor) or not score.is_floating_point():
                 raise TypeError(f"scores[{name!r}] must be a floating-point tensor")
             check_finite(score, f"scores[{name!r}]")
         if isinstance(sparsity, Mapping):
-            for name, value in sparsity.items():
+            for name in sparsity:
                 if name not in self._targets:
                     raise ValueError(
                         f"sparsity names {name!r}, not a target{suggest(str(name), self._targets)}"
@@ -285,8 +293,13 @@ class Pruner:
             group: list[str] = []
         else:
             amount_to_count(sparsity, 1, name="sparsity")  # type and range check
-            amounts = {n: t.sparsity if t.sparsity is not None else sparsity for n, t in self._targets.items()}
-            group = [n for n, t in self._targets.items() if self.scope == "global" and not t.overridden]
+            amounts = {
+                n: t.sparsity if t.sparsity is not None else sparsity
+                for n, t in self._targets.items()
+            }
+            group = [
+                n for n, t in self._targets.items() if self.scope == "global" and not t.overridden
+            ]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
         plan = _Plan()
         if group:
@@ -302,7 +315,11 @@ class Pruner:
         return plan
 
     def _selection(
-        self, names: list[str], amount: float | int, scores: dict[str, Tensor], generator: torch.Generator
+        self,
+        names: list[str],
+        amount: float | int,
+        scores: dict[str, Tensor],
+        generator: torch.Generator,
     ) -> tuple[list[str], int, KeySource]:
         total = sum(self.masks[n].numel() for n in names)
         target_count = amount_to_count(amount, total, name="sparsity")
@@ -317,11 +334,15 @@ class Pruner:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         given = [n for n in names if n in scores]
         if given and len(given) != len(names):
-            raise ValueError(f"scores must cover all of {what} or none; missing {sorted(set(names) - set(given))}")
+            raise ValueError(
+                f"scores must cover all of {what} or none; missing {sorted(set(names) - set(given))}"
+            )
         if given:
             for n in names:
                 if scores[n].shape != self.masks[n].shape:
-                    raise ValueError(f"scores[{n!r}] has shape {tuple(scores[n].shape)}, expected {tuple(self.masks[n].shape)}")
+                    raise ValueError(
+                        f"scores[{n!r}] has shape {tuple(scores[n].shape)}, expected {tuple(self.masks[n].shape)}"
+                    )
             source: KeySource = ScoreKeys([scores[n] for n in names])
         elif method == "random":
             source = RandomKeys(seed)
@@ -361,8 +382,14 @@ class Pruner:
         for name, mask in masks.items():
             if name not in self.masks:
                 raise ValueError(f"masks names {name!r}, not a target{suggest(name, self.masks)}")
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != self.masks[name].shape:
-                raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(self.masks[name].shape)}")
+            if (
+                not isinstance(mask, Tensor)
+                or mask.dtype != torch.bool
+                or mask.shape != self.masks[name].shape
+            ):
+                raise ValueError(
+                    f"masks[{name!r}] must be a bool tensor of shape {tuple(self.masks[name].shape)}"
+                )
         for name, mask in masks.items():
             self.masks[name] &= mask.to(self.masks[name].device)
         self.apply_masks()
@@ -393,7 +420,9 @@ class Pruner:
         """
         self._check_live()
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if any(opt is optimizer for opt, _, _ in self._optimizers):
             return self
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -457,7 +486,9 @@ class Pruner:
             "scope": self.scope,
             "seed": self.seed,
             "updates": self.updates,
-            "masks": {n: {"shape": list(m.shape), "packed": pack_mask(m)} for n, m in self.masks.items()},
+            "masks": {
+                n: {"shape": list(m.shape), "packed": pack_mask(m)} for n, m in self.masks.items()
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -482,7 +513,9 @@ class Pruner:
                     f"state_dict mask {name!r} has shape {tuple(entry['shape'])}, the parameter "
                     f"has {tuple(self.masks[name].shape)}"
                 )
-            restored[name] = unpack_mask(entry["packed"], tuple(entry["shape"])).to(self.masks[name].device)
+            restored[name] = unpack_mask(entry["packed"], tuple(entry["shape"])).to(
+                self.masks[name].device
+            )
         self.masks.update(restored)
         self.updates = int(state.get("updates", 0))
         self.apply_masks()

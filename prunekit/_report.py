@@ -53,5 +53,7 @@ class SparsityReport:
             f"{t.name:<{width}}  {t.total:>12,}  {t.pruned:>12,}  {t.fraction:>8.2%}"
             for t in self.targets
         ]
-        lines.append(f"{'global':<{width}}  {self.total:>12,}  {self.pruned:>12,}  {self.fraction:>8.2%}")
+        lines.append(
+            f"{'global':<{width}}  {self.total:>12,}  {self.pruned:>12,}  {self.fraction:>8.2%}"
+        )
         return "\n".join(lines)

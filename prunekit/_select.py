@@ -116,9 +116,10 @@ def prune_lowest(source: KeySource, masks: Sequence[Tensor], k: int, names: Sequ
     for i, m in enumerate(flat_masks):
         for start, stop in _chunks(m.numel()):
             counts += torch.bincount(high_half(i, start, stop)[1], minlength=_HI_BINS + 1)
-        nonfinite = counts[: _HI_BINS // 2 - _NONFINITE_HI].sum() + counts[
-            _HI_BINS // 2 + _NONFINITE_HI : _HI_BINS
-        ].sum()
+        nonfinite = (
+            counts[: _HI_BINS // 2 - _NONFINITE_HI].sum()
+            + counts[_HI_BINS // 2 + _NONFINITE_HI : _HI_BINS].sum()
+        )
         if nonfinite:
             raise ValueError(f"{names[i]} holds NaN or inf values; refusing to prune it")
     cumulative = counts[:_HI_BINS].cumsum(0)

@@ -30,6 +30,19 @@ def amount_to_count(amount: float | int, total: int, *, name: str = "amount") ->
     return round(amount * total)
 
 
+def check_fraction(value: object, name: str) -> float:
+    """Require a number in [0, 1] (not NaN, not a bool).
+
+    >>> check_fraction(0.5, "amount")
+    0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}={value!r} must be a float in [0, 1]")
+    if math.isnan(value) or not 0 <= value <= 1:
+        raise ValueError(f"{name}={value} must be in [0, 1]")
+    return float(value)
+
+
 def check_tensor(t: object, name: str = "t") -> Tensor:
     """Require a floating-point tensor."""
     if not isinstance(t, Tensor):
@@ -49,12 +62,12 @@ def check_mask(mask: object, shape: torch.Size, name: str = "mask") -> Tensor:
     return mask
 
 
-def check_dim(dim: object, ndim: int, name: str = "dim") -> int:
+def check_dim(dim: object, ndim: int, name: str = "dim", where: str = "") -> int:
     """Normalise ``dim`` to a non-negative index into a tensor of ``ndim`` dimensions."""
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{name}={dim!r} must be an int")
     if not -ndim <= dim < ndim:
-        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions")
+        raise ValueError(f"{name}={dim}{where} is out of range for a tensor with {ndim} dimensions")
     return dim % ndim
 
 
