@@ -53,6 +53,14 @@ def check_positive(name: str, value: object) -> float:
     return number
 
 
+_BELOW_ONE = math.nextafter(1.0, 0.0)
+
+
+def below_one(value: float) -> float:
+    """``value``, or the largest float below 1 where ``1 - tiny`` rounded up to 1.0."""
+    return min(value, _BELOW_ONE)
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean ...?)' hint for an unknown name, or ''."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

@@ -369,7 +369,7 @@ def test_activation_pruning_topk_channel_and_gradients() -> None:
     maps = conv(torch.randn(2, 1, 8, 8))
     alive = maps.abs().sum(dim=(2, 3)) > 0
     assert alive.sum(dim=1).tolist() == [3, 3]
-    with pytest.raises(ValueError, match="amount=1.2"):
+    with pytest.raises(ValueError, match=r"amount=1.2"):
         handle.amount = 1.2
-    with pytest.raises(ValueError, match="method='x'"):
+    with pytest.raises(ValueError, match=r"method='x'"):
         ActivationPruning(conv, 0.5, method="x")

@@ -1,0 +1,97 @@
+"""`RewindPoint`: capture weights, optimizer and LR-scheduler state at step k for rewinding."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from prunekit import Pruner
+
+
+class RewindPoint(Callback):
+    """Capture the model's weights, the optimizers' and LR schedulers' state after
+    ``step`` optimizer steps (``step=0``: at initialisation, before any step).
+
+    The capture is saved with Lightning checkpoints. A lottery-ticket runner rewinds the
+    surviving weights with :meth:`rewind`.
+
+    >>> point = RewindPoint(step=0)
+    >>> point.captured
+    False
+    """
+
+    def __init__(self, step: int = 0) -> None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} must be an int >= 0")
+        self.step = step
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.optimizer_states: list[dict[str, Any]] = []
+        self.scheduler_states: list[dict[str, Any]] = []
+
+    @property
+    def captured(self) -> bool:
+        return self.weights is not None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(step=self.step)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            self.capture(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self.step:
+            self.capture(trainer, pl_module)
+
+    def capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take the snapshot now (once: later calls keep the first capture)."""
+        if self.captured:
+            return
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.optimizer_states = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+        self.scheduler_states = [
+            copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
+        ]
+
+    def rewind(self, model: torch.nn.Module, pruner: Pruner | None = None) -> None:
+        """Load the captured weights into ``model``; with a ``pruner``, its masks are
+        applied again, so only the surviving weights take their step-k values."""
+        if self.weights is None:
+            raise RuntimeError(f"no weights were captured at step {self.step} yet")
+        model.load_state_dict(self.weights, strict=True)
+        if pruner is not None:
+            pruner.apply_masks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "weights": self.weights,
+            "optimizer_states": self.optimizer_states,
+            "scheduler_states": self.scheduler_states,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.weights = state_dict.get("weights")
+        self.optimizer_states = state_dict.get("optimizer_states", [])
+        self.scheduler_states = state_dict.get("scheduler_states", [])
+
+    def __repr__(self) -> str:
+        return f"RewindPoint(step={self.step}, captured={self.captured})"
