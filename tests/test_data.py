@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -196,6 +198,22 @@ def test_datamodule_rejects_bad_arguments(kwargs: dict[str, int], message: str) 
         FashionMNISTDataModule(**kwargs)
 
 
+def test_datamodule_hparams_load_with_weights_only(tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(tmp_path, batch_size=8, subset=10)
+    buffer = io.BytesIO()
+    torch.save(dict(dm.hparams), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # a Path in there would fail
+    assert loaded == {
+        "root": str(tmp_path),
+        "batch_size": 8,
+        "val_size": 5000,
+        "seed": 0,
+        "subset": 10,
+        "num_workers": 0,
+    }
+
+
 def test_datamodule_rejects_non_int_batch_size() -> None:
     with pytest.raises(TypeError, match=r"batch_size=2\.5"):
         FashionMNISTDataModule(batch_size=2.5)  # type: ignore[arg-type]
@@ -266,6 +284,40 @@ def test_train_shuffle_is_deterministic_per_seed_and_epoch(tmp_path: Path) -> No
     for epoch in (0, 1):
         seen = torch.cat([y for _, y in loader])
         assert torch.equal(seen, labels[epoch_order(dms[0], epoch)])
+
+
+class RecordLabels(L.Callback):
+    def __init__(self) -> None:
+        self.labels: list[torch.Tensor] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.labels.append(batch[1])
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")  # val_size=0
+def test_lightning_sets_the_epoch_of_the_train_sampler(tmp_path: Path, single_thread: None) -> None:
+    """Epoch e of a fit sees ``epoch_order(e)``, so a run resumed at epoch e does too."""
+    from prunekit.experiments.models import build_model
+    from prunekit.experiments.module import Classifier
+
+    make_fake_fashion_mnist(tmp_path, n_train=30, n_test=2)
+    dm = FashionMNISTDataModule(tmp_path, batch_size=10, val_size=0, seed=3)
+    record = RecordLabels()
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(Classifier(build_model("lenet_300_100")), datamodule=dm)
+    labels = dm.train_set.tensors[1]  # type: ignore[union-attr]
+    for epoch in (0, 1):
+        seen = torch.cat(record.labels[3 * epoch : 3 * epoch + 3])
+        assert torch.equal(seen, labels[epoch_order(dm, epoch)])
 
 
 def test_val_size_zero_disables_validation(tmp_path: Path) -> None:

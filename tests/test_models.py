@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 
@@ -242,6 +243,7 @@ def test_unknown_name_without_close_match() -> None:
         ({"momentum": 1.0}, "momentum=1.0"),
         ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),
         ({"max_steps": 0}, "max_steps=0"),
+        ({"max_steps": 2.5}, "max_steps=2.5"),
         ({"lr_schedule": "step"}, "milestones=()"),
         ({"lr_schedule": "step", "milestones": [5, 3]}, "milestones=[5, 3]"),
         ({"milestones": [5]}, "only used with lr_schedule='step'"),
@@ -252,6 +254,15 @@ def test_unknown_name_without_close_match() -> None:
 def test_classifier_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         Classifier(nn.Linear(784, 10), **kwargs)  # type: ignore[arg-type]
+
+
+def test_classifier_hparams_load_with_weights_only() -> None:
+    clf = Classifier(nn.Linear(4, 10), optimizer="sgd", lr_schedule="step", milestones=(3, 7))
+    buffer = io.BytesIO()
+    torch.save(dict(clf.hparams), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["milestones"] == [3, 7] and loaded["optimizer"] == "sgd"
 
 
 def test_classifier_rejects_non_module() -> None:

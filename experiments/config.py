@@ -1,0 +1,206 @@
+"""Typed experiment configs (omegaconf structured configs), loaded and validated up front.
+
+Every field carries its help text in ``metadata["help"]``. :func:`load_config` merges a
+YAML file and ``key=value`` overrides onto a schema; an unknown or misspelled key, a
+wrong type or a missing value fails before any training, naming the key and the closest
+valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from prunekit.experiments.data import DEFAULT_DATA_DIR
+from prunekit.experiments.models import list_models
+from prunekit.schedules import from_dict
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is wrong."""
+
+
+def _help(default: Any, text: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DataConfig:
+    root: str = _help(DEFAULT_DATA_DIR, "folder with the four Fashion-MNIST IDX files")
+    batch_size: int = _help(60, "training batch size")
+    val_size: int = _help(5000, "training images held out for validation (seeded split)")
+    subset: int | None = _help(None, "use only this many training images (quick runs)")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _help("adam", "sgd, adam or adamw")
+    lr: float = _help(1.2e-3, "learning rate")
+    momentum: float = _help(0.9, "SGD momentum")
+    weight_decay: float = _help(0.0, "weight decay")
+    lr_schedule: str | None = _help(None, "null (constant), cosine or step")
+    milestones: list[int] = _help([], "optimizer steps at which lr_schedule=step multiplies by gamma")
+    gamma: float = _help(0.1, "factor of lr_schedule=step")
+    val_every: int = _help(500, "validate every this many optimizer steps")
+
+
+@dataclass
+class PruningConfig:
+    schedule: dict[str, Any] = _help(
+        {"kind": "polynomial", "initial": 0.0, "final": 0.9, "begin": 0, "end": 1000, "frequency": 100},
+        "a prunekit.schedules dict: {kind: polynomial, initial: ..., final: ..., ...}",
+    )
+    unit: str = _help("step", "the schedule's time counts optimizer steps (step) or epochs (epoch)")
+    method: str = _help("magnitude", "a prunekit method: magnitude, random, ln_structured, ...")
+    scope: str = _help("global", "global (one ranking over all targets) or layer")
+    targets: list[str] | None = _help(None, "parameter names or globs; null = all standard weights")
+    exclude: list[str] = _help([], "parameter names or globs left dense")
+    options: dict[str, Any] = _help({}, "options of the method, e.g. {n: 2, dim: 0}")
+
+
+@dataclass
+class DenseConfig:
+    steps: int = _help(0, "dense pre-training steps before pruning (0: none)")
+    checkpoint: str | None = _help(None, "a dense model state_dict (.pt) to start from instead")
+    lr: float | None = _help(None, "learning rate of dense training (null: train.lr)")
+
+
+@dataclass
+class GradualConfig:
+    """``prunekit run``: (optional dense training, then) training under a sparsity schedule."""
+
+    name: str = _help(MISSING, "experiment name; the run folder is named from it and the config")
+    seed: int = _help(0, "seed of initialisation, data split and shuffling")
+    model: str = _help("lenet_300_100", "a registered model (prunekit.experiments.models)")
+    steps: int = _help(MISSING, "optimizer steps of the pruning phase")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    out_dir: str = _help("runs", "where run folders are written")
+
+
+REWIND_MODES = ("init", "step", "lr", "finetune")
+CONTROLS = ("random_reinit", "random_prune")
+
+
+@dataclass
+class LotteryConfig:
+    """``prunekit lottery``: iterative magnitude pruning with rewinding."""
+
+    name: str = _help(MISSING, "experiment name; the run folder is named from it and the config")
+    seed: int = _help(0, "seed of initialisation, data split and shuffling")
+    model: str = _help("lenet_300_100", "a registered model (prunekit.experiments.models)")
+    rounds: int = _help(MISSING, "pruning rounds after the dense round 0")
+    steps_per_round: int = _help(MISSING, "optimizer steps of training in each round")
+    rate: float = _help(0.2, "fraction of the remaining weights pruned per round")
+    layer_rates: dict[str, float] = _help(
+        {"output": 0.1}, "per-layer rates; 'output' names the output layer's weight"
+    )
+    scope: str = _help("layer", "layer (each layer at its rate, as Frankle & Carbin) or global")
+    rewind: str = _help("init", "init, step (late rewinding to rewind_step), lr or finetune")
+    rewind_step: int = _help(0, "k for rewind=step: rewind to the weights after k steps")
+    finetune_lr: float = _help(1e-4, "constant learning rate of rewind=finetune")
+    controls: list[str] = _help([], "also train each round's controls: random_reinit, random_prune")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = _help("runs", "where run folders are written")
+
+
+def _closest(key: str, node: Any) -> str:
+    valid = [f.name for f in fields(node)] if is_dataclass(node) else []
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Valid keys here: {', '.join(valid)}"
+
+
+def _schema_at(schema: type, dotted: str) -> Any:
+    node: Any = schema
+    for part in dotted.split(".")[:-1]:
+        types = {f.name: f for f in fields(node)} if is_dataclass(node) else {}
+        if part not in types or not is_dataclass(types[part].default_factory()):  # type: ignore[misc]
+            return None
+        node = types[part].default_factory()  # type: ignore[misc]
+    return node
+
+
+def load_config(schema: type, path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> DictConfig:
+    """Load ``path`` (YAML) and ``key=value`` overrides onto ``schema``, validated.
+
+    >>> cfg = load_config(GradualConfig, None, ["name=demo", "steps=100", "train.lr=0.01"])
+    >>> cfg.train.lr, cfg.pruning.scope
+    (0.01, 'global')
+    >>> try:
+    ...     load_config(GradualConfig, None, ["name=demo", "steps=100", "train.lrr=0.01"])
+    ... except ValueError as e:
+    ...     print(str(e)[:67])
+    unknown key 'train.lrr' (from the command line); did you mean 'lr'?
+    """
+    merged = OmegaConf.structured(schema)
+    sources: list[tuple[str, Any]] = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist")
+        sources.append((f"in {os.fspath(path)}", lambda: OmegaConf.load(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+    sources.append(("from the command line", lambda: OmegaConf.from_dotlist(list(overrides))))
+    for where, load in sources:
+        try:
+            merged = OmegaConf.merge(merged, load())
+        except ConfigKeyError as e:
+            key = str(e.full_key)
+            node = _schema_at(schema, key)
+            raise ConfigError(f"unknown key {key!r} ({where}){_closest(key.split('.')[-1], node)}") from None
+        except OmegaConfBaseException as e:
+            message = str(e).splitlines()[0]
+            raise ConfigError(f"bad value for {e.full_key!r} ({where}): {message}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required value(s): {', '.join(missing)} (set them in the YAML or as key=value)")
+    _check_values(merged)
+    return merged
+
+
+def _check_values(cfg: DictConfig) -> None:
+    def check(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} {why}")
+
+    check(cfg.model in list_models(), "model", cfg.model, f"is not one of {list_models()}")
+    check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
+    check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "must be > 0")
+    check(cfg.train.val_every >= 1, "train.val_every", cfg.train.val_every, "must be >= 1")
+    check(cfg.train.optimizer in ("sgd", "adam", "adamw"), "train.optimizer", cfg.train.optimizer, "must be sgd, adam or adamw")
+    if "pruning" in cfg:
+        check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+        check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
+        check(cfg.pruning.unit in ("step", "epoch"), "pruning.unit", cfg.pruning.unit, "must be step or epoch")
+        check(cfg.pruning.scope in ("global", "layer"), "pruning.scope", cfg.pruning.scope, "must be global or layer")
+        try:
+            from_dict(OmegaConf.to_container(cfg.pruning.schedule))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"pruning.schedule: {e}") from None
+    else:
+        check(cfg.rounds >= 1, "rounds", cfg.rounds, "must be >= 1")
+        check(cfg.steps_per_round >= 1, "steps_per_round", cfg.steps_per_round, "must be >= 1")
+        check(0 < cfg.rate < 1, "rate", cfg.rate, "must be in (0, 1)")
+        for layer, rate in cfg.layer_rates.items():
+            check(0 < rate < 1, f"layer_rates.{layer}", rate, "must be in (0, 1)")
+        check(cfg.rewind in REWIND_MODES, "rewind", cfg.rewind, f"must be one of {REWIND_MODES}")
+        check(
+            0 <= cfg.rewind_step < cfg.steps_per_round, "rewind_step", cfg.rewind_step,
+            f"must be in [0, steps_per_round={cfg.steps_per_round})",
+        )
+        check(cfg.scope in ("global", "layer"), "scope", cfg.scope, "must be global or layer")
+        for control in cfg.controls:
+            check(control in CONTROLS, "controls", control, f"is not one of {CONTROLS}")
