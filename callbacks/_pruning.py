@@ -137,7 +137,8 @@ class Pruning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.unit == "epoch":
             self._maybe_update(trainer, pl_module, trainer.current_epoch + 1)
-        self._log(pl_module, on_step=False)
+        if self.pruner is not None:
+            self._log(pl_module, self._metrics(), to_logger=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,7 +197,7 @@ class Pruning(Callback):
         if self._initial is not None:
             self._reset_survivors(pl_module)
         self._check_ranks_agree(trainer)
-        self._log(pl_module, on_step=self.unit == "step")
+        self._log_update(trainer, pl_module)
         if self.verbose:
             rank_zero_info(f"pruned to {target:.4f} at {self.unit} {t}\n{self.pruner.sparsity()}")
 
@@ -220,19 +221,35 @@ class Pruning(Callback):
                 f"pruning masks differ between ranks after an update: {gathered.tolist()}"
             )
 
-    def _log(self, pl_module: pl.LightningModule, *, on_step: bool) -> None:
-        if self.pruner is None or pl_module._trainer is None:
-            return
+    def _metrics(self) -> dict[str, float]:
+        assert self.pruner is not None
         report = self.pruner.sparsity()
         metrics = {"sparsity/target": self._target, "sparsity/actual": report.fraction}
         if self.log_per_layer:
             metrics.update({f"sparsity/{n}": f for n, f in report.per_target().items()})
+        return metrics
+
+    def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every update reaches the loggers, whatever ``log_every_n_steps`` says (Lightning
+        only writes ``self.log`` step values at its logging steps); ``self.log`` feeds the
+        progress bar and ``callback_metrics``."""
+        metrics = self._metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step
+            )
+        if self.unit == "step":  # epoch updates reach the progress bar from on_train_epoch_end
+            self._log(pl_module, metrics, to_logger=False)
+
+    @staticmethod
+    def _log(pl_module: pl.LightningModule, metrics: dict[str, float], *, to_logger: bool) -> None:
         for key, value in metrics.items():
             pl_module.log(
                 key,
                 value,
-                on_step=on_step,
-                on_epoch=not on_step,
+                on_step=not to_logger,
+                on_epoch=to_logger,
+                logger=to_logger,
                 prog_bar=key == "sparsity/actual",
                 sync_dist=False,  # identical on every rank
                 batch_size=1,

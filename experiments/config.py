@@ -16,7 +16,6 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
 from prunekit.experiments.data import DEFAULT_DATA_DIR
 from prunekit.experiments.models import list_models
 from prunekit.schedules import from_dict
@@ -47,7 +46,9 @@ class TrainConfig:
     momentum: float = _help(0.9, "SGD momentum")
     weight_decay: float = _help(0.0, "weight decay")
     lr_schedule: str | None = _help(None, "null (constant), cosine or step")
-    milestones: list[int] = _help([], "optimizer steps at which lr_schedule=step multiplies by gamma")
+    milestones: list[int] = _help(
+        [], "optimizer steps at which lr_schedule=step multiplies by gamma"
+    )
     gamma: float = _help(0.1, "factor of lr_schedule=step")
     val_every: int = _help(500, "validate every this many optimizer steps")
 
@@ -55,7 +56,14 @@ class TrainConfig:
 @dataclass
 class PruningConfig:
     schedule: dict[str, Any] = _help(
-        {"kind": "polynomial", "initial": 0.0, "final": 0.9, "begin": 0, "end": 1000, "frequency": 100},
+        {
+            "kind": "polynomial",
+            "initial": 0.0,
+            "final": 0.9,
+            "begin": 0,
+            "end": 1000,
+            "frequency": 100,
+        },
         "a prunekit.schedules dict: {kind: polynomial, initial: ..., final: ..., ...}",
     )
     unit: str = _help("step", "the schedule's time counts optimizer steps (step) or epochs (epoch)")
@@ -132,7 +140,9 @@ def _schema_at(schema: type, dotted: str) -> Any:
     return node
 
 
-def load_config(schema: type, path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> DictConfig:
+def load_config(
+    schema: type, path: str | os.PathLike[str] | None, overrides: list[str] = ()
+) -> DictConfig:
     """Load ``path`` (YAML) and ``key=value`` overrides onto ``schema``, validated.
 
     >>> cfg = load_config(GradualConfig, None, ["name=demo", "steps=100", "train.lr=0.01"])
@@ -160,13 +170,17 @@ def load_config(schema: type, path: str | os.PathLike[str] | None, overrides: li
         except ConfigKeyError as e:
             key = str(e.full_key)
             node = _schema_at(schema, key)
-            raise ConfigError(f"unknown key {key!r} ({where}){_closest(key.split('.')[-1], node)}") from None
+            raise ConfigError(
+                f"unknown key {key!r} ({where}){_closest(key.split('.')[-1], node)}"
+            ) from None
         except OmegaConfBaseException as e:
             message = str(e).splitlines()[0]
             raise ConfigError(f"bad value for {e.full_key!r} ({where}): {message}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"missing required value(s): {', '.join(missing)} (set them in the YAML or as key=value)")
+        raise ConfigError(
+            f"missing required value(s): {', '.join(missing)} (set them in the YAML or as key=value)"
+        )
     _check_values(merged)
     return merged
 
@@ -180,12 +194,27 @@ def _check_values(cfg: DictConfig) -> None:
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "must be > 0")
     check(cfg.train.val_every >= 1, "train.val_every", cfg.train.val_every, "must be >= 1")
-    check(cfg.train.optimizer in ("sgd", "adam", "adamw"), "train.optimizer", cfg.train.optimizer, "must be sgd, adam or adamw")
+    check(
+        cfg.train.optimizer in ("sgd", "adam", "adamw"),
+        "train.optimizer",
+        cfg.train.optimizer,
+        "must be sgd, adam or adamw",
+    )
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
         check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
-        check(cfg.pruning.unit in ("step", "epoch"), "pruning.unit", cfg.pruning.unit, "must be step or epoch")
-        check(cfg.pruning.scope in ("global", "layer"), "pruning.scope", cfg.pruning.scope, "must be global or layer")
+        check(
+            cfg.pruning.unit in ("step", "epoch"),
+            "pruning.unit",
+            cfg.pruning.unit,
+            "must be step or epoch",
+        )
+        check(
+            cfg.pruning.scope in ("global", "layer"),
+            "pruning.scope",
+            cfg.pruning.scope,
+            "must be global or layer",
+        )
         try:
             from_dict(OmegaConf.to_container(cfg.pruning.schedule))
         except (TypeError, ValueError) as e:
@@ -198,7 +227,9 @@ def _check_values(cfg: DictConfig) -> None:
             check(0 < rate < 1, f"layer_rates.{layer}", rate, "must be in (0, 1)")
         check(cfg.rewind in REWIND_MODES, "rewind", cfg.rewind, f"must be one of {REWIND_MODES}")
         check(
-            0 <= cfg.rewind_step < cfg.steps_per_round, "rewind_step", cfg.rewind_step,
+            0 <= cfg.rewind_step < cfg.steps_per_round,
+            "rewind_step",
+            cfg.rewind_step,
             f"must be in [0, steps_per_round={cfg.steps_per_round})",
         )
         check(cfg.scope in ("global", "layer"), "scope", cfg.scope, "must be global or layer")

@@ -18,18 +18,29 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+#: Top-level keys left out of the run folder's hash. ``out_dir`` says where, not what.
+#: ``rounds`` (lottery runs): round r's masks and results do not depend on how many rounds
+#: follow it (the plan's sparsity after r rounds, the seeds and the training of a round
+#: are all independent of the total), so raising ``rounds`` extends a finished run in its
+#: own folder, reusing the rounds already done, instead of starting over elsewhere.
+UNHASHED_KEYS = ("out_dir", "rounds")
+
 
 def config_hash(cfg: DictConfig) -> str:
-    """8 hex digits identifying a resolved config (``out_dir`` excluded).
+    """8 hex digits identifying a resolved config (``UNHASHED_KEYS`` excluded).
 
     >>> a = OmegaConf.create({"name": "x", "lr": 0.1, "out_dir": "runs"})
     >>> b = OmegaConf.create({"name": "x", "lr": 0.1, "out_dir": "elsewhere"})
     >>> config_hash(a) == config_hash(b), len(config_hash(a))
     (True, 8)
+    >>> config_hash(OmegaConf.create({"name": "x", "rounds": 2})) == config_hash(
+    ...     OmegaConf.create({"name": "x", "rounds": 12}))
+    True
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    plain.pop("out_dir", None)
+    for key in UNHASHED_KEYS:
+        plain.pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -57,6 +68,11 @@ class RunPaths:
     sparsity_plot = property(lambda self: self.root / "sparsity.png")
     accuracy_plot = property(lambda self: self.root / "accuracy.png")
     logs = property(lambda self: self.root / "logs")
+    #: lottery runs: the initial weights (the state_dict every round-0 start and
+    #: rewind=init round loads) and, for rewind=step, the Lightning checkpoint taken
+    #: after rewind_step steps of round 0 (weights, optimizer, LR scheduler, loop state).
+    initial_weights = property(lambda self: self.root / "init.pt")
+    rewind_checkpoint = property(lambda self: self.root / "rewind.ckpt")
 
     def round_dir(self, round: int) -> Path:
         return self.root / f"round_{round:02d}"

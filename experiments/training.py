@@ -15,11 +15,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
-from torch import nn
-from torch.utils.data import DataLoader
-
 from prunekit.experiments.data import FashionMNISTDataModule
 from prunekit.experiments.module import Classifier
+from torch import nn
+from torch.utils.data import DataLoader
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.*LeafSpec.*")
@@ -105,7 +104,9 @@ def datamodule(cfg: DictConfig, seed: int) -> FashionMNISTDataModule:
     return dm
 
 
-def classifier(model: nn.Module, train: DictConfig, max_steps: int, lr: float | None = None) -> Classifier:
+def classifier(
+    model: nn.Module, train: DictConfig, max_steps: int, lr: float | None = None
+) -> Classifier:
     return Classifier(
         model,
         optimizer=train.optimizer,

@@ -33,18 +33,17 @@ class RankData(TinyNet):
 class Recorder(Pruning):
     records: list[dict[str, Any]]
 
-    def _log(self, pl_module: pl.LightningModule, *, on_step: bool) -> None:
-        super()._log(pl_module, on_step=on_step)
-        if on_step:
-            masks = self.pruner.masks
-            self.records.append(
-                {
-                    "step": pl_module.trainer.global_step,
-                    "target": self._target,
-                    "actual": self.pruner.sparsity().fraction,
-                    "masks": {n: pack_mask(m).tolist() for n, m in masks.items()},
-                }
-            )
+    def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._log_update(trainer, pl_module)
+        masks = self.pruner.masks
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "target": self._target,
+                "actual": self.pruner.sparsity().fraction,
+                "masks": {n: pack_mask(m).tolist() for n, m in masks.items()},
+            }
+        )
 
 
 def main() -> None:
@@ -52,7 +51,11 @@ def main() -> None:
     devices = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     options = {"dim": 0} if method in ("ln_structured", "random_structured") else {}
     pruning = Recorder(
-        Polynomial(0.0, 0.8, begin=2, end=12, frequency=2), method=method, scope=scope, seed=5, options=options
+        Polynomial(0.0, 0.8, begin=2, end=12, frequency=2),
+        method=method,
+        scope=scope,
+        seed=5,
+        options=options,
     )
     pruning.records = []
     strategy = "ddp" if devices > 1 else "auto"

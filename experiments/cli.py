@@ -1,0 +1,73 @@
+"""The ``prunekit`` command: ``run``, ``lottery`` and ``report``.
+
+prunekit run     experiments/configs/quick_gradual.yaml [key=value ...]
+prunekit lottery experiments/configs/quick_lottery.yaml [key=value ...]
+prunekit report  RUN_DIR [RUN_DIR ...] [--plot comparison.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from prunekit.experiments import report
+from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
+from prunekit.experiments.paths import RunPaths
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunekit", description="Pruning experiments on Fashion-MNIST."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "train or fine-tune under a sparsity schedule"),
+        ("lottery", "iterative magnitude pruning with rewinding"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="a YAML config (see experiments/configs/)")
+        cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.01")
+        cmd.add_argument(
+            "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        )
+    cmp = sub.add_parser("report", help="compare finished runs")
+    cmp.add_argument("runs", nargs="+", help="run folders")
+    cmp.add_argument("--plot", type=Path, default=None, help="write a combined plot here (PNG)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            print(report.compare(args.runs, args.plot))
+            return 0
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.command == "run":
+            from prunekit.experiments.gradual import run_gradual
+
+            cfg = load_config(GradualConfig, args.config, args.overrides)
+            summary = run_gradual(cfg)
+            run = RunPaths.for_config(cfg).root
+            report.plot_sparsity(run, RunPaths(run).sparsity_plot)
+            print(report.gradual_table(summary))
+        else:
+            from prunekit.experiments.lottery import lottery_table, run_lottery
+
+            cfg = load_config(LotteryConfig, args.config, args.overrides)
+            summary = run_lottery(cfg)
+            run = RunPaths.for_config(cfg).root
+            report.plot_lottery([summary], RunPaths(run).accuracy_plot)
+            print(lottery_table(summary))
+        print(f"\nrun folder: {run}")
+        return 0
+    except (ConfigError, FileNotFoundError, PermissionError) as e:
+        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
