@@ -80,7 +80,7 @@ def test_config_errors_name_the_key(overrides: list[str], match: str) -> None:
 
 
 def test_missing_values_and_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing required value.*steps"):
+    with pytest.raises(ConfigError, match=r"missing required value.*steps"):
         load_config(GradualConfig, None, ["name=x"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(GradualConfig, tmp_path / "nope.yaml")
