@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prunekit import pack_mask  # noqa: E402
-from prunekit.callbacks import Pruning  # noqa: E402
-from prunekit.schedules import Polynomial  # noqa: E402
-from tests.lit_helpers import TinyNet, loader, make_batch, trainer  # noqa: E402
+from prunekit.callbacks import Pruning
+from prunekit.schedules import Polynomial
+
+from prunekit import pack_mask
+from tests.lit_helpers import TinyNet, loader, make_batch, trainer
 
 
 class RankData(TinyNet):
