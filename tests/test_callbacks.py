@@ -325,3 +325,46 @@ trainer:
     assert len(found) == 1
     assert found[0].schedule == Polynomial(0.0, 0.9, begin=10, end=100, frequency=10)
     assert found[0].pruner_args["scope"] == "layer"
+
+
+def test_tensorboard_per_layer_and_progress_bar(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pruning = Pruning(Steps([(2, 0.5), (4, 0.75)]), log_per_layer=True, scope="layer")
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    fit = trainer(max_steps=6, logger=loggers, callbacks=[pruning])
+    fit.fit(TinyNet(), loader())
+    events = EventAccumulator(loggers[0].log_dir)
+    events.Reload()
+    actual = {e.step: e.value for e in events.Scalars("sparsity/actual")}
+    assert actual[2] == pytest.approx(0.5, abs=1e-3) and actual[4] == pytest.approx(0.75, abs=1e-3)
+    for name in TARGETS:  # scope=layer: every layer at the target
+        layer = {e.step: e.value for e in events.Scalars(f"sparsity/{name}")}
+        expected = (
+            round(0.75 * pruning.pruner.masks[name].numel()) / pruning.pruner.masks[name].numel()
+        )
+        assert layer[4] == pytest.approx(expected, abs=1e-6)
+    rows = read_csv(Path(loggers[1].log_dir) / "metrics.csv")
+    assert {int(r["step"]) for r in rows if r.get("sparsity/target")} >= {2, 4}
+    assert fit.progress_bar_metrics["sparsity/actual"] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_amount_as_a_function_of_the_epoch() -> None:
+    pruning = Pruning(
+        lambda epoch: min(0.3 * epoch, 0.6), unit="epoch", method="random", scope="layer"
+    )
+    seen = []
+
+    class Watch(Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.append(round(pruning.pruner.sparsity().fraction, 3))
+
+    trainer(max_epochs=3, callbacks=[pruning, Watch()]).fit(TinyNet(), loader(length=3))
+    n = pruning.pruner.sparsity().total
+    expected = [
+        sum(round(s * m.numel()) for m in pruning.pruner.masks.values()) / n
+        for s in (0.3, 0.6, 0.6)
+    ]
+    assert seen == [round(e, 3) for e in expected]
+    assert pickle.loads(pickle.dumps(Pruning(abs))).schedule.fn is abs
