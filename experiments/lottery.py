@@ -1,0 +1,588 @@
+"""``prunekit lottery``: iterative magnitude pruning with rewinding (lottery tickets).
+
+Round 0 trains the dense network for ``steps_per_round`` steps. Each later round ``r``
+(1..``rounds``) prunes the previous round's *final* lottery weights by magnitude (masks
+only shrink) to the sparsity that :class:`~prunekit.schedules.LotteryTicketPlan` gives
+after ``r`` rounds, rewinds the surviving weights and trains again:
+
+- ``rewind=init``: the survivors take their initial values (Frankle & Carbin 2019);
+  fresh optimizer and LR schedule, ``steps_per_round`` steps.
+- ``rewind=step``: late rewinding (Frankle et al. 2020) to the Lightning checkpoint taken
+  after ``rewind_step`` = k steps of round 0: weights, optimizer state, LR-scheduler
+  state and step count; the round trains from step k to ``steps_per_round``. Optimizer
+  state of pruned entries is zeroed. (k = 0 is rewind=init.)
+- ``rewind=lr``: learning-rate rewinding (Renda et al. 2020): keep the final weights,
+  fresh optimizer, the LR schedule replayed from its start.
+- ``rewind=finetune``: keep the final weights, train at the constant ``finetune_lr``.
+
+``scope=layer`` prunes each target weight to its own plan sparsity (``rate``, or its
+``layer_rates`` entry); ``scope=global`` ranks all targets without a ``layer_rates``
+entry together at the plan's ``rate`` sparsity, and prunes the ``layer_rates`` layers
+separately at their own rates (so the default ``{output: 0.1}`` still holds the output
+layer back). ``layer_rates`` keys are ``output`` (the model's output layer weight) or
+target parameter names, with or without the LightningModule's ``model.`` prefix.
+
+Controls (``controls``), trained after the lottery variant of each round >= 1 with the
+same training settings, reuse that round's mask:
+
+- ``random_reinit``: the same mask on new random weights (a model built with seed
+  ``seed + 1000 + r``); always trained from step 0 with a fresh optimizer (random
+  weights have no step-k optimizer state), at ``finetune_lr`` for rewind=finetune.
+- ``random_prune``: a random mask with exactly the lottery mask's per-layer counts
+  (seed ``seed + 2000 + r``), started exactly as the lottery variant is.
+
+Everything lands in the run folder (:class:`~prunekit.experiments.paths.RunPaths`):
+``config.yaml``, ``init.pt``, ``rewind.ckpt`` (rewind=step), per round and variant
+``round_RR/VARIANT.json`` (the record) and ``round_RR/VARIANT.pt`` (``{"masks",
+"weights"}``: bool masks and final weights, keyed by the network's own parameter names,
+so the weights load into a fresh ``build_model(cfg.model)``), Lightning CSV metrics in
+``logs/round_RR_VARIANT/metrics.csv``, and ``summary.json``. A finished round (its
+``.json`` and ``.pt`` exist) is reused, not retrained, when the run is started again;
+``rounds`` is not part of the run folder's hash, so raising it extends a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from prunekit.experiments import training
+from prunekit.experiments.config import CONTROLS, REWIND_MODES, ConfigError
+from prunekit.experiments.data import FashionMNISTDataModule
+from prunekit.experiments.models import build_model, output_layer_name
+from prunekit.experiments.module import Classifier
+from prunekit.experiments.paths import (
+    RunPaths,
+    check_writable,
+    config_hash,
+    save_torch,
+    write_config,
+    write_json,
+)
+from prunekit.schedules import LotteryTicketPlan
+from torch import Tensor
+from typing_extensions import override
+
+from prunekit import Pruner
+
+__all__ = ["VARIANTS", "lottery_table", "run_lottery"]
+
+#: What a round trains: the lottery ticket, then the controls.
+VARIANTS = ("lottery", *CONTROLS)
+_PREFIX = "model."  # the Classifier holds the network as ``self.model``
+_REINIT_SEED, _RANDOM_PRUNE_SEED = 1000, 2000  # offsets added to seed + round
+
+Masks = dict[str, Tensor]
+Weights = dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------- public API
+def run_lottery(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or continue) a lottery-ticket experiment; returns and writes its summary.
+
+    Everything is validated before any training: the run folder is writable, the data
+    folder exists, ``layer_rates`` keys name pruned parameters, the rewind mode and the
+    controls are known. The summary (``summary.json``) holds ``kind`` ("lottery"),
+    ``name``, ``config_hash``, ``seed``, ``model``, ``rewind``, ``rewind_step``,
+    ``scope``, ``rounds`` (one record per round and variant, without the evaluations
+    lists), ``dense_test_acc`` (round 0's ``test_acc_final``), ``wall_s`` (this
+    invocation) and ``files`` (paths relative to the run folder).
+
+    A record (``round_RR/VARIANT.json``; in the summary without ``evaluations``):
+    ``round``, ``variant`` (lottery, random_reinit, random_prune), ``remaining``
+    (fraction of the target weights kept), ``remaining_per_layer`` and
+    ``kept_per_layer`` (fraction and count per weight, keyed ``fc1.weight``),
+    ``test_acc_early_stop``, ``early_stop_step`` and ``val_loss_min`` (at the lowest
+    validation loss), ``test_acc_final`` (after the last step), ``steps`` (the last
+    step), ``wall_s`` and ``evaluations`` (``step``, ``val_loss``, ``val_acc``,
+    ``test_acc`` at each validation; the last step is always evaluated).
+    """
+    started = time.perf_counter()
+    run = _Run.prepare(cfg)
+    records: list[dict[str, Any]] = []
+    previous: _Finished | None = None
+    for r in range(cfg.rounds + 1):
+        lottery = run.round(r, "lottery", previous, None)
+        records.append(lottery.record)
+        for control in cfg.controls if r else ():
+            records.append(run.round(r, control, previous, lottery).record)
+        previous = lottery
+    summary = {
+        "kind": "lottery",
+        "name": cfg.name,
+        "config_hash": config_hash(cfg),
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "rewind": cfg.rewind,
+        "rewind_step": cfg.rewind_step,
+        "scope": cfg.scope,
+        "rounds": [{k: v for k, v in rec.items() if k != "evaluations"} for rec in records],
+        "dense_test_acc": records[0]["test_acc_final"],
+        "wall_s": time.perf_counter() - started,
+        "files": sorted({*run.files, "summary.json"}),
+    }
+    write_json(run.paths.summary, summary)
+    return summary
+
+
+def lottery_table(summary: Mapping[str, Any]) -> str:
+    """The per-round results of a lottery summary as a plain-text table.
+
+    >>> record = {"round": 1, "variant": "lottery", "remaining": 0.8004,
+    ...           "test_acc_early_stop": 0.8812, "early_stop_step": 4500,
+    ...           "val_loss_min": 0.3312, "test_acc_final": 0.879, "wall_s": 41.2}
+    >>> summary = {"name": "demo", "model": "lenet_300_100", "rewind": "init",
+    ...            "scope": "layer", "rounds": [record]}
+    >>> print(lottery_table(summary))
+    demo: lenet_300_100, rewind=init, scope=layer
+    round  variant  remaining  acc (early stop)  at step  val loss  acc (end)  time (s)
+    -----  -------  ---------  ----------------  -------  --------  ---------  --------
+        1  lottery     80.04%            0.8812     4500    0.3312     0.8790      41.2
+    """
+    headers = (
+        "round",
+        "variant",
+        "remaining",
+        "acc (early stop)",
+        "at step",
+        "val loss",
+        "acc (end)",
+        "time (s)",
+    )
+    rows = [
+        (
+            str(rec["round"]),
+            rec["variant"],
+            f"{100 * rec['remaining']:.2f}%",
+            f"{rec['test_acc_early_stop']:.4f}",
+            str(rec["early_stop_step"]),
+            f"{rec['val_loss_min']:.4f}",
+            f"{rec['test_acc_final']:.4f}",
+            f"{rec['wall_s']:.1f}",
+        )
+        for rec in summary["rounds"]
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 1 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    title = f"{summary['name']}: {summary['model']}, rewind={summary['rewind']}"
+    title += f", scope={summary['scope']}"
+    return "\n".join(
+        [title, line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+    )
+
+
+# --------------------------------------------------------------------------- callbacks
+class _HoldMasks(Callback):
+    """Keep fixed masks through one fit.
+
+    The masks are set at ``on_train_start``, which Lightning calls after it restored a
+    checkpoint's weights and optimizer state, so both are masked (pruned entries' Adam
+    moments / momentum zeroed) before the first step.
+    """
+
+    def __init__(self, masks: Masks) -> None:
+        self.masks = masks
+        self.pruner: Pruner | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pruner = Pruner(pl_module, targets=list(self.masks))
+        for optimizer in trainer.optimizers:
+            self.pruner.attach(optimizer)
+        self.pruner.set_masks(self.masks)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is not None:
+            self.pruner.remove()  # leaves plain weights with zeros
+            self.pruner = None
+
+
+class _CheckpointAt(Callback):
+    """Save a full Lightning checkpoint (atomically) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+        self.saved = False
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.saved or trainer.global_step != self.step:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        os.replace(tmp, self.path)
+        self.saved = True
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class _Start:
+    """How a round's training starts."""
+
+    weights: Weights | None  # loaded before training (module names); None: the checkpoint's
+    checkpoint: Path | None = None  # resume weights, optimizer, LR schedule and step count
+    lr: float | None = None  # a constant learning rate instead of train.lr and its schedule
+    what: str = ""  # for the progress line
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """What later rounds need from a finished round: its record, masks and final weights."""
+
+    record: dict[str, Any]
+    masks: Masks  # module names ("model.fc1.weight")
+    weights: Weights  # the module's state_dict
+
+
+class _Run:
+    """One lottery run: config, paths, data, plan and the template model, all validated."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        paths: RunPaths,
+        dm: FashionMNISTDataModule,
+        template: Classifier,
+        names: list[str],
+        rates: dict[str, float],
+    ) -> None:
+        self.cfg, self.paths, self.dm = cfg, paths, dm
+        self.template, self.names, self.rates = template, names, rates
+        self.plan = LotteryTicketPlan(cfg.rounds, cfg.rate, rates)
+        self.sizes = {n: template.get_parameter(n).numel() for n in names}
+        self.files: set[str] = set()
+        self.fits = 1 + cfg.rounds * (1 + len(cfg.controls))
+        self.fit_index = 0
+        self.initial = self._initial_weights()
+
+    @classmethod
+    def prepare(cls, cfg: DictConfig) -> _Run:
+        """Validate everything a run needs, before any training; write ``config.yaml``."""
+        _check_config(cfg)
+        template = _module(cfg, seed=cfg.seed)
+        names = Pruner(template).names
+        rates = _resolve_layer_rates(cfg, template, names)
+        paths = RunPaths.for_config(cfg)
+        check_writable(paths.root)
+        dm = training.datamodule(cfg, cfg.seed)  # a missing data folder fails here
+        write_config(paths.config, cfg)
+        run = cls(cfg, paths, dm, template, names, rates)
+        run.files.add(paths.config.name)
+        training.progress(f"lottery run {paths.root}: {run.fits} trainings")
+        return run
+
+    def _initial_weights(self) -> Weights:
+        path = self.paths.initial_weights
+        if path.is_file():
+            weights = _net_to_module(torch.load(path, weights_only=True))
+        else:
+            weights = _clone(self.template.state_dict())
+            save_torch(path, _module_to_net(weights))
+        self.files.add(path.name)
+        return weights
+
+    # ------------------------------------------------------------------ rounds
+    def round(
+        self, r: int, variant: str, previous: _Finished | None, lottery: _Finished | None
+    ) -> _Finished:
+        """Round ``r`` of ``variant``: reused if finished, else masks, start and training.
+
+        ``previous`` is round ``r - 1``'s lottery result (None in round 0), ``lottery``
+        this round's (for the controls, which reuse its mask).
+        """
+        self.fit_index += 1
+        label = f"[{self.fit_index}/{self.fits}] round {r}/{self.cfg.rounds} {variant}"
+        done = self._load(r, variant)
+        if done is not None:
+            training.progress(
+                f"{label}: finished before, reusing {self._rel(self._json(r, variant))}"
+            )
+            return done
+        masks = self._masks(r, variant, previous, lottery)
+        start = self._start(r, variant, previous)
+        kept = sum(int(m.count_nonzero()) for m in masks.values())
+        total = sum(self.sizes.values())
+        training.progress(
+            f"{label}: remaining {100 * kept / total:.1f}% ({kept}/{total} weights), "
+            f"from {start.what}"
+        )
+        finished = self._train(r, variant, masks, start, label)
+        rec = finished.record
+        training.progress(
+            f"{label}: test acc {rec['test_acc_early_stop']:.4f} at early stop "
+            f"(step {rec['early_stop_step']}), {rec['test_acc_final']:.4f} at the end "
+            f"({rec['wall_s']:.0f}s)"
+        )
+        return finished
+
+    def _masks(
+        self, r: int, variant: str, previous: _Finished | None, lottery: _Finished | None
+    ) -> Masks:
+        if r == 0:
+            return {n: torch.ones(size, dtype=torch.bool) for n, size in self._shapes().items()}
+        if variant == "lottery":
+            assert previous is not None
+            return self.magnitude_masks(r, previous.weights, previous.masks)
+        assert lottery is not None
+        if variant == "random_reinit":
+            return lottery.masks
+        return self.random_masks(r, lottery.masks)
+
+    def magnitude_masks(self, r: int, weights: Weights, previous: Masks) -> Masks:
+        """Masks after ``r`` rounds from ``weights`` (final weights of round ``r - 1``)."""
+        module = _module(self.cfg, seed=self.cfg.seed)
+        module.load_state_dict(weights)
+        if self.cfg.scope == "layer":
+            pruner = Pruner(module, targets=self.names, scope="layer")
+            amount: float | dict[str, float] = self.plan.layer_sparsities(r, self.names)
+        else:  # one ranking over the targets without a rate of their own
+            pruner = Pruner(
+                module,
+                targets={
+                    n: {"sparsity": self.plan.sparsity(r, n)} if n in self.rates else None
+                    for n in self.names
+                },
+                scope="global",
+            )
+            amount = self.plan.sparsity(r)
+        pruner.set_masks(previous)
+        pruner.prune_to(amount)
+        return _clone(pruner.masks)
+
+    def random_masks(self, r: int, like: Masks) -> Masks:
+        """Random masks with exactly the per-layer pruned counts of ``like``."""
+        pruner = Pruner(
+            _module(self.cfg, seed=self.cfg.seed),
+            targets=self.names,
+            method="random",
+            scope="layer",
+            seed=self.cfg.seed + _RANDOM_PRUNE_SEED + r,
+        )
+        pruner.prune_to({n: int(m.numel() - m.count_nonzero()) for n, m in like.items()})
+        return _clone(pruner.masks)
+
+    def _start(self, r: int, variant: str, previous: _Finished | None) -> _Start:
+        cfg = self.cfg
+        finetune_lr = cfg.finetune_lr if cfg.rewind == "finetune" else None
+        if r == 0:
+            return _Start(self.initial, what="the initial weights")
+        assert previous is not None
+        if variant == "random_reinit":
+            seed = cfg.seed + _REINIT_SEED + r
+            weights = _module(cfg, seed=seed).state_dict()
+            return _Start(weights, lr=finetune_lr, what=f"new random weights (seed {seed})")
+        if cfg.rewind == "init" or (cfg.rewind == "step" and cfg.rewind_step == 0):
+            return _Start(self.initial, what="the initial weights")
+        if cfg.rewind == "step":
+            return _Start(
+                None,
+                checkpoint=self.paths.rewind_checkpoint,
+                what=f"the step-{cfg.rewind_step} checkpoint of round 0",
+            )
+        # lr / finetune (random_prune too: the lottery variant's start, another mask)
+        what = f"the final weights of round {r - 1}"
+        if finetune_lr is not None:
+            what += f", constant lr {finetune_lr}"
+        return _Start(previous.weights, lr=finetune_lr, what=what)
+
+    def _train(self, r: int, variant: str, masks: Masks, start: _Start, label: str) -> _Finished:
+        cfg, steps = self.cfg, self.cfg.steps_per_round
+        started = time.perf_counter()
+        seed_everything(cfg.seed + r, verbose=False)
+        train_cfg = cfg.train
+        if start.lr is not None:
+            train_cfg = OmegaConf.merge(
+                cfg.train, {"lr": start.lr, "lr_schedule": None, "milestones": []}
+            )
+        module = _module(cfg, seed=cfg.seed, train=train_cfg)
+        if start.weights is not None:
+            module.load_state_dict(start.weights)
+        test_loader = self.dm.test_dataloader()
+        evaluations = training.Evaluations(test_loader, label=f"{label} ")
+        callbacks: list[Callback] = [evaluations]
+        if r > 0:
+            callbacks.insert(0, _HoldMasks(masks))
+        late = cfg.rewind == "step" and cfg.rewind_step > 0
+        if r == 0 and late:
+            callbacks.append(_CheckpointAt(cfg.rewind_step, self.paths.rewind_checkpoint))
+        log_dir = self.paths.logs / f"round_{r:02d}_{variant}"
+        shutil.rmtree(log_dir, ignore_errors=True)  # a retrained round starts a fresh log
+        with warnings.catch_warnings():
+            # resuming from the step-k checkpoint restarts the epoch's data order; only
+            # weights, optimizer and LR-schedule state matter for rewinding
+            warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before.*")
+            trainer = training.fit(
+                module,
+                self.dm,
+                max_steps=steps,
+                val_every=cfg.train.val_every,
+                log_dir=log_dir,
+                callbacks=callbacks,
+                ckpt_path=None if start.checkpoint is None else str(start.checkpoint),
+            )
+        if r == 0 and late and not self.paths.rewind_checkpoint.is_file():
+            raise RuntimeError(f"no checkpoint was saved at step {cfg.rewind_step} of round 0")
+        _check_masked(module, masks)
+        if not evaluations.records or evaluations.records[-1].step != trainer.global_step:
+            evaluations.records.append(_evaluate(module, self.dm, trainer.global_step))
+        best = evaluations.best()
+        kept = {n.removeprefix(_PREFIX): int(m.count_nonzero()) for n, m in masks.items()}
+        sizes = {n.removeprefix(_PREFIX): s for n, s in self.sizes.items()}
+        record = {
+            "round": r,
+            "variant": variant,
+            "remaining": sum(kept.values()) / sum(sizes.values()),
+            "remaining_per_layer": {n: kept[n] / sizes[n] for n in sizes},
+            "kept_per_layer": kept,
+            "test_acc_early_stop": best.test_acc,
+            "early_stop_step": best.step,
+            "val_loss_min": best.val_loss,
+            "test_acc_final": evaluations.records[-1].test_acc,
+            "steps": trainer.global_step,
+            "wall_s": time.perf_counter() - started,
+            "evaluations": evaluations.as_dicts(),
+        }
+        weights = _clone(module.state_dict())
+        state = {"masks": _module_to_net(masks), "weights": _module_to_net(weights)}
+        save_torch(self.paths.round_state(r, variant), state)
+        write_json(self._json(r, variant), record)  # last: its presence means "finished"
+        self._add_files(r, variant)
+        return _Finished(record, masks, weights)
+
+    # ------------------------------------------------------------------ reuse
+    def _json(self, r: int, variant: str) -> Path:
+        return self.paths.round_result(r, variant)
+
+    def _load(self, r: int, variant: str) -> _Finished | None:
+        """A finished round's result, or None when it must be (re)trained."""
+        result, state = self.paths.round_result(r, variant), self.paths.round_state(r, variant)
+        needs_checkpoint = r == 0 and self.cfg.rewind == "step" and self.cfg.rewind_step > 0
+        if not (result.is_file() and state.is_file()):
+            return None
+        if needs_checkpoint and not self.paths.rewind_checkpoint.is_file():
+            return None  # retraining round 0 writes it again
+        record = json.loads(result.read_text())
+        saved = torch.load(state, weights_only=True)
+        self._add_files(r, variant)
+        return _Finished(record, _net_to_module(saved["masks"]), _net_to_module(saved["weights"]))
+
+    def _add_files(self, r: int, variant: str) -> None:
+        paths = [self.paths.round_result(r, variant), self.paths.round_state(r, variant)]
+        metrics = self.paths.logs / f"round_{r:02d}_{variant}" / "metrics.csv"
+        if metrics.is_file():
+            paths.append(metrics)
+        if r == 0 and self.paths.rewind_checkpoint.is_file() and self.cfg.rewind == "step":
+            paths.append(self.paths.rewind_checkpoint)
+        self.files.update(self._rel(p) for p in paths)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.paths.root).as_posix()
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        return {n: self.template.get_parameter(n).shape for n in self.names}
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_config(cfg: DictConfig) -> None:
+    """The lottery-specific checks ``load_config`` does, for configs built otherwise."""
+    for key in ("rounds", "steps_per_round", "rewind", "rewind_step", "controls", "scope"):
+        if key not in cfg:
+            raise ConfigError(f"missing key {key!r}: not a LotteryConfig")
+    if cfg.rewind not in REWIND_MODES:
+        raise ConfigError(f"rewind={cfg.rewind!r} must be one of {REWIND_MODES}")
+    if cfg.scope not in ("layer", "global"):
+        raise ConfigError(f"scope={cfg.scope!r} must be layer or global")
+    if not 0 <= cfg.rewind_step < cfg.steps_per_round:
+        raise ConfigError(
+            f"rewind_step={cfg.rewind_step!r} must be in [0, steps_per_round={cfg.steps_per_round})"
+        )
+    for control in cfg.controls:
+        if control not in CONTROLS:
+            raise ConfigError(f"controls: {control!r} is not one of {CONTROLS}")
+    if len(set(cfg.controls)) != len(cfg.controls):
+        raise ConfigError(f"controls={list(cfg.controls)} lists a control twice")
+    if not cfg.data.val_size:
+        raise ConfigError("data.val_size=0: a lottery run needs validation data (early stopping)")
+
+
+def _resolve_layer_rates(
+    cfg: DictConfig, template: Classifier, names: list[str]
+) -> dict[str, float]:
+    """``layer_rates`` keyed by target names; "output" is the output layer's weight."""
+    output = f"{_PREFIX}{output_layer_name(template.model)}.weight"
+    rates: dict[str, float] = {}
+    for key, rate in cfg.layer_rates.items():
+        name = output if key == "output" else key
+        if name not in names and f"{_PREFIX}{name}" in names:
+            name = f"{_PREFIX}{name}"
+        if name not in names:
+            plain = [n.removeprefix(_PREFIX) for n in names]
+            close = difflib.get_close_matches(str(key).removeprefix(_PREFIX), plain, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(
+                f"layer_rates.{key}: {key!r} is not a pruned parameter of {cfg.model}{hint} "
+                f"Valid keys: output, {', '.join(plain)}"
+            )
+        if name in rates:
+            raise ConfigError(f"layer_rates gives {name!r} twice (as {key!r} and before)")
+        rates[name] = float(rate)
+    return rates
+
+
+def _module(cfg: DictConfig, *, seed: int, train: DictConfig | None = None) -> Classifier:
+    """A fresh Classifier around ``cfg.model`` initialised from ``seed``."""
+    torch.manual_seed(seed)
+    net = build_model(cfg.model)
+    return training.classifier(net, train if train is not None else cfg.train, cfg.steps_per_round)
+
+
+def _evaluate(module: Classifier, dm: FashionMNISTDataModule, step: int) -> training.Evaluation:
+    """An evaluation at the last step, when validation did not fall on it."""
+    val_loss, val_acc = training.evaluate(module, dm.val_dataloader())
+    _, test_acc = training.evaluate(module, dm.test_dataloader())
+    return training.Evaluation(step, val_loss, val_acc, test_acc)
+
+
+def _check_masked(module: Classifier, masks: Masks) -> None:
+    for name, mask in masks.items():
+        if bool(module.get_parameter(name).detach()[~mask].any()):
+            raise RuntimeError(f"pruned weights of {name} became non-zero during training")
+
+
+def _clone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _module_to_net(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k.removeprefix(_PREFIX): v for k, v in tensors.items()}
+
+
+def _net_to_module(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{_PREFIX}{k}": v for k, v in tensors.items()}

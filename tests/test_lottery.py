@@ -1,0 +1,424 @@
+"""Tests for prunekit.experiments.lottery: rewinding, controls, restarts, summary, errors.
+
+Every run trains LeNet-300-100 for a few dozen steps on a small fake Fashion-MNIST
+folder (random images), so the tests check mechanics, not accuracy. A probe wrapped
+around ``training.fit`` records each fit's model and optimizer state at
+``on_train_start``, i.e. exactly what a round starts training from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from prunekit.experiments import lottery, training
+from prunekit.experiments.config import ConfigError, LotteryConfig, load_config
+from prunekit.experiments.data import FILES
+from prunekit.experiments.models import build_model
+from prunekit.experiments.paths import RunPaths
+from prunekit.schedules import LotteryTicketPlan
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # lightning vs torch 2.13
+
+SUMMARY_KEYS = {
+    "kind",
+    "name",
+    "config_hash",
+    "seed",
+    "model",
+    "rewind",
+    "scope",
+    "rounds",
+    "dense_test_acc",
+    "wall_s",
+    "files",
+}
+RECORD_KEYS = {
+    "round",
+    "variant",
+    "remaining",
+    "remaining_per_layer",
+    "test_acc_early_stop",
+    "early_stop_step",
+    "val_loss_min",
+    "test_acc_final",
+    "wall_s",
+}
+WEIGHTS = ("fc1.weight", "fc2.weight", "fc3.weight")
+
+
+# --------------------------------------------------------------------------- fixtures
+def write_fake_fashion_mnist(root: Path, n_train: int = 700, n_test: int = 100) -> Path:
+    """Four IDX files of random images; the label shifts the mean brightness (learnable)."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        noise = torch.randint(0, 100, (n, 28, 28), generator=g)
+        images = (noise + 15 * labels.view(n, 1, 1)).to(torch.uint8)
+        header = bytes([0, 0, 8, 3]) + b"".join(s.to_bytes(4, "big") for s in (n, 28, 28))
+        (root / FILES[f"{part}_images"]).write_bytes(header + images.numpy().tobytes())
+        label_header = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big")
+        (root / FILES[f"{part}_labels"]).write_bytes(label_header + labels.numpy().tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Trainer runs on the shared 2-core machine are ~10x faster with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(data_root: Path, out_dir: Path, *overrides: str) -> DictConfig:
+    base = [
+        "name=t",
+        "rounds=2",
+        "steps_per_round=30",
+        "data.batch_size=50",
+        "data.val_size=200",
+        f"data.root={data_root}",
+        "train.val_every=10",
+        f"out_dir={out_dir}",
+    ]
+    return load_config(LotteryConfig, None, [*base, *overrides])
+
+
+class Probe(Callback):
+    """Records what a fit starts from, after every other callback's on_train_start."""
+
+    def __init__(self, into: dict[str, Any], key: str) -> None:
+        self.into, self.key = into, key
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        schedulers = trainer.lr_scheduler_configs
+        self.into[self.key] = {
+            "step": trainer.global_step,
+            "weights": {
+                k.removeprefix("model."): v.detach().clone()
+                for k, v in pl_module.state_dict().items()
+            },
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "lr": optimizer.param_groups[0]["lr"],
+            "scheduler": copy.deepcopy(schedulers[0].scheduler.state_dict())
+            if schedulers
+            else None,
+        }
+
+
+def install_probe(mp: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``{"round_01_lottery": start state, ...}`` of every fit run from now on."""
+    starts: dict[str, Any] = {}
+    fit = training.fit
+
+    def probed_fit(*args: Any, **kwargs: Any) -> pl.Trainer:
+        key = Path(kwargs["log_dir"]).name
+        kwargs["callbacks"] = [*kwargs["callbacks"], Probe(starts, key)]
+        return fit(*args, **kwargs)
+
+    mp.setattr(training, "fit", probed_fit)
+    return starts
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return install_probe(monkeypatch)
+
+
+def state(cfg: DictConfig, r: int, variant: str) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(RunPaths.for_config(cfg).round_state(r, variant), weights_only=True)
+
+
+def counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {n: int(m.count_nonzero()) for n, m in masks.items()}
+
+
+def param_index(name: str) -> int:
+    """Index of a parameter in the optimizer's state (model parameter order)."""
+    return [n for n, _ in build_model("lenet_300_100").named_parameters()].index(name)
+
+
+# --------------------------------------------------------------------------- the init run
+@pytest.fixture(scope="module")
+def init_run(
+    data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[DictConfig, dict[str, Any], dict[str, Any]]:
+    """rewind=init, 2 rounds, both controls: (config, summary, start states)."""
+    cfg = config(
+        data_root,
+        tmp_path_factory.mktemp("runs"),
+        "controls=[random_reinit,random_prune]",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        starts = install_probe(mp)
+        summary = lottery.run_lottery(cfg)
+    return cfg, summary, starts
+
+
+def test_rewind_init_starts_survivors_from_their_initial_values(init_run: Any) -> None:
+    cfg, _, starts = init_run
+    initial = torch.load(RunPaths.for_config(cfg).initial_weights, weights_only=True)
+    for r in (1, 2):
+        masks = state(cfg, r, "lottery")["masks"]
+        start = starts[f"round_{r:02d}_lottery"]
+        assert start["step"] == 0 and start["optimizer"]["state"] == {}  # fresh optimizer
+        for name in WEIGHTS:
+            assert torch.equal(start["weights"][name], initial[name] * masks[name])
+        assert torch.equal(start["weights"]["fc1.bias"], initial["fc1.bias"])
+    # masks come from the final weights of the previous round and only shrink
+    m1, m2 = state(cfg, 1, "lottery")["masks"], state(cfg, 2, "lottery")["masks"]
+    final1 = state(cfg, 1, "lottery")["weights"]
+    for name in WEIGHTS:
+        assert not (m2[name] & ~m1[name]).any()
+        kept, dropped = final1[name][m2[name]].abs(), final1[name][m1[name] & ~m2[name]].abs()
+        assert kept.min() >= dropped.max()
+
+
+def test_remaining_matches_the_plan_exactly(init_run: Any) -> None:
+    cfg, summary, _ = init_run
+    sizes = {n: build_model("lenet_300_100").get_parameter(n).numel() for n in WEIGHTS}
+    plan = LotteryTicketPlan(cfg.rounds, cfg.rate, {"fc3.weight": 0.1})
+    for record in summary["rounds"]:
+        overall, kept = plan.remaining(record["round"], sizes)
+        assert record["remaining"] == overall
+        assert record["kept_per_layer"] == kept
+        assert record["remaining_per_layer"] == {n: kept[n] / sizes[n] for n in sizes}
+        assert counts(state(cfg, record["round"], record["variant"])["masks"]) == kept
+
+
+def test_controls_reuse_the_round_mask(init_run: Any) -> None:
+    cfg, _, starts = init_run
+    initial = torch.load(RunPaths.for_config(cfg).initial_weights, weights_only=True)
+    for r in (1, 2):
+        lottery_masks = state(cfg, r, "lottery")["masks"]
+        reinit = state(cfg, r, "random_reinit")["masks"]
+        random = state(cfg, r, "random_prune")["masks"]
+        for name in WEIGHTS:
+            assert torch.equal(reinit[name], lottery_masks[name])
+            assert not torch.equal(random[name], lottery_masks[name])
+        assert counts(random) == counts(lottery_masks)
+        # random_reinit: new random weights under the same mask
+        start = starts[f"round_{r:02d}_random_reinit"]["weights"]
+        assert not torch.equal(start["fc1.weight"], initial["fc1.weight"] * reinit["fc1.weight"])
+        assert not start["fc1.weight"][~reinit["fc1.weight"]].any()
+        # random_prune: rewound like the lottery variant (init weights), other mask
+        start = starts[f"round_{r:02d}_random_prune"]["weights"]
+        for name in WEIGHTS:
+            assert torch.equal(start[name], initial[name] * random[name])
+
+
+def test_summary_files_and_records(init_run: Any) -> None:
+    cfg, summary, _ = init_run
+    paths = RunPaths.for_config(cfg)
+    assert set(summary) >= SUMMARY_KEYS
+    assert json.loads(paths.summary.read_text()) == summary
+    assert summary["kind"] == "lottery" and summary["rewind"] == "init"
+    assert [(r["round"], r["variant"]) for r in summary["rounds"]] == [
+        (0, "lottery"),
+        *((r, v) for r in (1, 2) for v in ("lottery", "random_reinit", "random_prune")),
+    ]
+    assert summary["rounds"][0]["remaining"] == 1.0
+    assert summary["dense_test_acc"] == summary["rounds"][0]["test_acc_final"]
+    for record in summary["rounds"]:
+        assert set(record) >= RECORD_KEYS and "evaluations" not in record
+        full = json.loads(paths.round_result(record["round"], record["variant"]).read_text())
+        assert [e["step"] for e in full["evaluations"]] == [10, 20, 30]
+        best = min(full["evaluations"], key=lambda e: e["val_loss"])
+        assert (record["early_stop_step"], record["test_acc_early_stop"]) == (
+            best["step"],
+            best["test_acc"],
+        )
+        assert record["test_acc_final"] == full["evaluations"][-1]["test_acc"]
+    for name in summary["files"]:
+        assert (paths.root / name).is_file(), name
+    assert {
+        "config.yaml",
+        "summary.json",
+        "init.pt",
+        "logs/round_02_random_prune/metrics.csv",
+    } <= set(summary["files"])
+    # saved final weights load into a fresh network and keep their zeros
+    saved = state(cfg, 2, "lottery")
+    net = build_model("lenet_300_100")
+    net.load_state_dict(saved["weights"])
+    assert not net.fc1.weight[~saved["masks"]["fc1.weight"]].any()
+    assert "random_prune" in lottery.lottery_table(summary)
+
+
+# --------------------------------------------------------------------------- other rewinds
+def test_rewind_step_restores_step_k_weights_and_optimizer(
+    data_root: Path, tmp_path: Path, probe: dict[str, Any]
+) -> None:
+    cfg = config(
+        data_root,
+        tmp_path,
+        "rounds=1",
+        "rewind=step",
+        "rewind_step=12",
+        "train.lr_schedule=cosine",
+        "controls=[random_prune]",
+    )
+    lottery.run_lottery(cfg)
+    paths = RunPaths.for_config(cfg)
+    checkpoint = torch.load(paths.rewind_checkpoint, weights_only=False)
+    assert checkpoint["global_step"] == 12
+    captured = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    captured_opt = checkpoint["optimizer_states"][0]["state"]
+    for variant in ("lottery", "random_prune"):
+        masks = state(cfg, 1, variant)["masks"]
+        start = probe[f"round_01_{variant}"]
+        assert start["step"] == 12
+        assert start["scheduler"]["last_epoch"] == 12
+        assert start["scheduler"] == checkpoint["lr_schedulers"][0]
+        for name in WEIGHTS:
+            mask = masks[name]
+            assert torch.equal(start["weights"][name], captured[name] * mask)
+            opt = start["optimizer"]["state"][param_index(name)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt[key], captured_opt[param_index(name)][key] * mask)
+                assert opt[key][mask].ne(0).any() and not opt[key][~mask].any()
+            assert opt["step"] == captured_opt[param_index(name)]["step"]
+        assert torch.equal(start["weights"]["fc2.bias"], captured["fc2.bias"])
+        record = json.loads(paths.round_result(1, variant).read_text())
+        assert [e["step"] for e in record["evaluations"]] == [20, 30]  # trained from k to 30
+        assert record["steps"] == 30
+
+
+@pytest.mark.parametrize("mode", ["lr", "finetune"])
+def test_rewind_lr_and_finetune_keep_the_final_weights(
+    data_root: Path, tmp_path: Path, probe: dict[str, Any], mode: str
+) -> None:
+    cfg = config(
+        data_root,
+        tmp_path,
+        "rounds=1",
+        f"rewind={mode}",
+        "finetune_lr=3e-5",
+        "train.lr_schedule=cosine",
+    )
+    lottery.run_lottery(cfg)
+    final0 = state(cfg, 0, "lottery")["weights"]
+    masks = state(cfg, 1, "lottery")["masks"]
+    start = probe["round_01_lottery"]
+    assert start["step"] == 0 and start["optimizer"]["state"] == {}
+    for name in WEIGHTS:
+        assert torch.equal(start["weights"][name], final0[name] * masks[name])
+    if mode == "lr":  # the LR schedule replayed from its start
+        assert start["scheduler"]["last_epoch"] == 0 and start["lr"] == cfg.train.lr
+    else:  # constant small LR
+        assert start["scheduler"] is None and start["lr"] == 3e-5
+
+
+def test_global_scope_one_ranking_with_layer_rates_apart(data_root: Path, tmp_path: Path) -> None:
+    cfg = config(data_root, tmp_path, "scope=global", "steps_per_round=10")
+    summary = lottery.run_lottery(cfg)
+    plan = LotteryTicketPlan(cfg.rounds, cfg.rate, {"fc3.weight": 0.1})
+    ranked = 784 * 300 + 300 * 100
+    for r in (1, 2):
+        kept = summary["rounds"][r]["kept_per_layer"]
+        assert kept["fc1.weight"] + kept["fc2.weight"] == ranked - round(plan.sparsity(r) * ranked)
+        assert kept["fc3.weight"] == 1000 - round(plan.sparsity(r, "fc3.weight") * 1000)
+        assert kept["fc1.weight"] / 235200 != kept["fc2.weight"] / 30000  # not per layer
+
+
+# --------------------------------------------------------------------------- restarts
+def test_finished_rounds_are_reused_and_runs_extend(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(data_root, tmp_path, "rounds=1", "controls=[random_reinit]")
+    first = lottery.run_lottery(cfg)
+    trained: list[str] = []
+    fit = training.fit
+
+    def counting_fit(*args: Any, **kwargs: Any) -> pl.Trainer:
+        trained.append(Path(kwargs["log_dir"]).name)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", counting_fit)
+    again = lottery.run_lottery(cfg)
+    assert trained == []
+    assert again["rounds"] == first["rounds"]
+    # more rounds: same run folder (rounds is not hashed), only the new round trains
+    longer = config(data_root, tmp_path, "rounds=2", "controls=[random_reinit]")
+    assert RunPaths.for_config(longer).root == RunPaths.for_config(cfg).root
+    extended = lottery.run_lottery(longer)
+    assert trained == ["round_02_lottery", "round_02_random_reinit"]
+    assert extended["rounds"][:3] == first["rounds"]
+    assert extended["rounds"][3]["remaining"] == pytest.approx(0.6406, abs=1e-4)
+    # an interrupted round (state saved, record not yet written) is trained again
+    RunPaths.for_config(cfg).round_result(2, "random_reinit").unlink()
+    lottery.run_lottery(longer)
+    assert trained[2:] == ["round_02_random_reinit"]
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training, "fit", fail)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        (
+            ["layer_rates={fc3.wieght: 0.1}"],
+            ConfigError,
+            r"fc3\.wieght.*did you mean 'fc3\.weight'",
+        ),
+        (["layer_rates={output: 0.1, model.fc3.weight: 0.2}"], ConfigError, "twice"),
+        (["data.root=/no/such/folder"], FileNotFoundError, "/no/such/folder"),
+        (["data.val_size=0"], ConfigError, "val_size"),
+    ],
+    ids=["unknown-layer", "layer-twice", "no-data", "no-validation"],
+)
+def test_bad_configs_fail_before_training(
+    data_root: Path,
+    tmp_path: Path,
+    no_training: None,
+    overrides: list[str],
+    error: type[Exception],
+    match: str,
+) -> None:
+    cfg = config(data_root, tmp_path, *overrides)
+    with pytest.raises(error, match=match):
+        lottery.run_lottery(cfg)
+    if error is ConfigError:  # nothing written either
+        assert not RunPaths.for_config(cfg).root.exists()
+
+
+def test_bad_rewind_mode_fails_at_load_and_run(
+    data_root: Path, tmp_path: Path, no_training: None
+) -> None:
+    with pytest.raises(ConfigError, match="rewind='rewound'"):
+        config(data_root, tmp_path, "rewind=rewound")
+    with pytest.raises(ConfigError, match="rewind_step"):
+        config(data_root, tmp_path, "rewind=step", "rewind_step=30")
+    cfg = config(data_root, tmp_path)
+    OmegaConf.update(cfg, "rewind", "rewound")  # a config built without load_config
+    with pytest.raises(ConfigError, match="rewind='rewound'"):
+        lottery.run_lottery(cfg)
+
+
+def test_layer_rates_accept_network_and_module_names(data_root: Path, tmp_path: Path) -> None:
+    cfg = config(data_root, tmp_path, "layer_rates={fc2.weight: 0.5, model.fc1.weight: 0.1}")
+    run = lottery._Run.prepare(cfg)
+    assert run.rates == {"model.fc3.weight": 0.1, "model.fc2.weight": 0.5, "model.fc1.weight": 0.1}
