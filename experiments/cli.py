@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="a YAML config (see experiments/configs/)")
         cmd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.01")
         cmd.add_argument(
-            "--threads", type=int, default=None, help="torch threads (default: torch's)"
+            "--threads",
+            type=int,
+            default=1,
+            help="torch CPU threads (default 1: fastest for these small models, no oversubscription)",
         )
     cmp = sub.add_parser("report", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run folders")
@@ -44,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(report.compare(args.runs, args.plot))
             return 0
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.threads < 1:
+            raise ConfigError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
         if args.command == "run":
             from prunekit.experiments.gradual import run_gradual
 
