@@ -82,18 +82,24 @@ class DenseConfig:
 
 
 @dataclass
-class GradualConfig:
-    """``prunekit run``: (optional dense training, then) training under a sparsity schedule."""
+class ExperimentConfig:
+    """What every experiment has: a name, a seed, a model, data and training settings."""
 
     name: str = _help(MISSING, "experiment name; the run folder is named from it and the config")
     seed: int = _help(0, "seed of initialisation, data split and shuffling")
     model: str = _help("lenet_300_100", "a registered model (prunekit.experiments.models)")
-    steps: int = _help(MISSING, "optimizer steps of the pruning phase")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = _help("runs", "where run folders are written")
+
+
+@dataclass
+class GradualConfig(ExperimentConfig):
+    """``prunekit run``: (optional dense training, then) training under a sparsity schedule."""
+
+    steps: int = _help(MISSING, "optimizer steps of the pruning phase")
     dense: DenseConfig = field(default_factory=DenseConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    out_dir: str = _help("runs", "where run folders are written")
 
 
 REWIND_MODES = ("init", "step", "lr", "finetune")
@@ -101,12 +107,9 @@ CONTROLS = ("random_reinit", "random_prune")
 
 
 @dataclass
-class LotteryConfig:
+class LotteryConfig(ExperimentConfig):
     """``prunekit lottery``: iterative magnitude pruning with rewinding."""
 
-    name: str = _help(MISSING, "experiment name; the run folder is named from it and the config")
-    seed: int = _help(0, "seed of initialisation, data split and shuffling")
-    model: str = _help("lenet_300_100", "a registered model (prunekit.experiments.models)")
     rounds: int = _help(MISSING, "pruning rounds after the dense round 0")
     steps_per_round: int = _help(MISSING, "optimizer steps of training in each round")
     rate: float = _help(0.2, "fraction of the remaining weights pruned per round")
@@ -118,9 +121,6 @@ class LotteryConfig:
     rewind_step: int = _help(0, "k for rewind=step: rewind to the weights after k steps")
     finetune_lr: float = _help(1e-4, "constant learning rate of rewind=finetune")
     controls: list[str] = _help([], "also train each round's controls: random_reinit, random_prune")
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    out_dir: str = _help("runs", "where run folders are written")
 
 
 def _closest(key: str, node: Any) -> str:
@@ -181,11 +181,13 @@ def load_config(
         raise ConfigError(
             f"missing required value(s): {', '.join(missing)} (set them in the YAML or as key=value)"
         )
-    _check_values(merged)
+    check_config(merged)
     return merged
 
 
-def _check_values(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> None:
+    """The checks a typed schema cannot express (ranges, choices, the schedule)."""
+
     def check(ok: bool, key: str, value: Any, why: str) -> None:
         if not ok:
             raise ConfigError(f"{key}={value!r} {why}")
@@ -235,3 +237,15 @@ def _check_values(cfg: DictConfig) -> None:
         check(cfg.scope in ("global", "layer"), "scope", cfg.scope, "must be global or layer")
         for control in cfg.controls:
             check(control in CONTROLS, "controls", control, f"is not one of {CONTROLS}")
+        check(
+            len(set(cfg.controls)) == len(cfg.controls),
+            "controls",
+            list(cfg.controls),
+            "lists a control twice",
+        )
+        check(
+            cfg.data.val_size > 0,
+            "data.val_size",
+            cfg.data.val_size,
+            "must be > 0: rounds early-stop on validation loss",
+        )

@@ -60,7 +60,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from prunekit.experiments import training
-from prunekit.experiments.config import CONTROLS, REWIND_MODES, ConfigError
+from prunekit.experiments.config import CONTROLS, ConfigError, check_config
 from prunekit.experiments.data import FashionMNISTDataModule
 from prunekit.experiments.models import build_model, output_layer_name
 from prunekit.experiments.module import Classifier
@@ -285,13 +285,13 @@ class _Run:
     @classmethod
     def prepare(cls, cfg: DictConfig) -> _Run:
         """Validate everything a run needs, before any training; write ``config.yaml``."""
-        _check_config(cfg)
+        check_config(cfg)
         template = _module(cfg, seed=cfg.seed)
         names = Pruner(template).names
         rates = _resolve_layer_rates(cfg, template, names)
         paths = RunPaths.for_config(cfg)
-        check_writable(paths.root)
         dm = training.datamodule(cfg, cfg.seed)  # a missing data folder fails here
+        check_writable(paths.root)
         write_config(paths.config, cfg)
         run = cls(cfg, paths, dm, template, names, rates)
         run.files.add(paths.config.name)
@@ -510,28 +510,6 @@ class _Run:
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_config(cfg: DictConfig) -> None:
-    """The lottery-specific checks ``load_config`` does, for configs built otherwise."""
-    for key in ("rounds", "steps_per_round", "rewind", "rewind_step", "controls", "scope"):
-        if key not in cfg:
-            raise ConfigError(f"missing key {key!r}: not a LotteryConfig")
-    if cfg.rewind not in REWIND_MODES:
-        raise ConfigError(f"rewind={cfg.rewind!r} must be one of {REWIND_MODES}")
-    if cfg.scope not in ("layer", "global"):
-        raise ConfigError(f"scope={cfg.scope!r} must be layer or global")
-    if not 0 <= cfg.rewind_step < cfg.steps_per_round:
-        raise ConfigError(
-            f"rewind_step={cfg.rewind_step!r} must be in [0, steps_per_round={cfg.steps_per_round})"
-        )
-    for control in cfg.controls:
-        if control not in CONTROLS:
-            raise ConfigError(f"controls: {control!r} is not one of {CONTROLS}")
-    if len(set(cfg.controls)) != len(cfg.controls):
-        raise ConfigError(f"controls={list(cfg.controls)} lists a control twice")
-    if not cfg.data.val_size:
-        raise ConfigError("data.val_size=0: a lottery run needs validation data (early stopping)")
-
-
 def _resolve_layer_rates(
     cfg: DictConfig, template: Classifier, names: list[str]
 ) -> dict[str, float]:
