@@ -14,11 +14,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-from prunekit.experiments.data import DEFAULT_DATA_DIR
-from prunekit.experiments.models import list_models
+from prunekit.experiments.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
+from prunekit.experiments.models import build_model, list_models
+from prunekit.experiments.module import Classifier
 from prunekit.schedules import from_dict
+from torch import nn
+
+from prunekit import Pruner
 
 
 class ConfigError(ValueError):
@@ -202,6 +207,7 @@ def check_config(cfg: DictConfig) -> None:
         cfg.train.optimizer,
         "must be sgd, adam or adamw",
     )
+    _check_sections(cfg)
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
         check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
@@ -221,6 +227,7 @@ def check_config(cfg: DictConfig) -> None:
             from_dict(OmegaConf.to_container(cfg.pruning.schedule))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"pruning.schedule: {e}") from None
+        _check_pruning(cfg)
     else:
         check(cfg.rounds >= 1, "rounds", cfg.rounds, "must be >= 1")
         check(cfg.steps_per_round >= 1, "steps_per_round", cfg.steps_per_round, "must be >= 1")
@@ -249,3 +256,59 @@ def check_config(cfg: DictConfig) -> None:
             cfg.data.val_size,
             "must be > 0: rounds early-stop on validation loss",
         )
+
+
+def _check_sections(cfg: DictConfig) -> None:
+    """The data and train sections, checked by the constructors that will use them (they
+    touch no file), so that a bad value fails here and not after the run folder is written."""
+    train, data = cfg.train, cfg.data
+    for section, build in (
+        (
+            "train",
+            lambda: Classifier(
+                nn.Identity(),
+                optimizer=train.optimizer,
+                lr=train.lr,
+                momentum=train.momentum,
+                weight_decay=train.weight_decay,
+                lr_schedule=train.lr_schedule,
+                milestones=list(train.milestones),
+                gamma=train.gamma,
+                max_steps=1,
+            ),
+        ),
+        (
+            "data",
+            lambda: FashionMNISTDataModule(
+                root=data.root,
+                batch_size=data.batch_size,
+                val_size=data.val_size,
+                seed=cfg.seed,
+                subset=data.subset,
+            ),
+        ),
+    ):
+        try:
+            build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{section}: {e}") from None
+
+
+def _check_pruning(cfg: DictConfig) -> None:
+    """Targets, method, scope and options, checked by building a Pruner on the model
+    (the global random state is left as it was)."""
+    pruning = cfg.pruning
+    targets = None if pruning.targets is None else list(pruning.targets)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            Pruner(
+                build_model(cfg.model),
+                targets=targets,
+                exclude=list(pruning.exclude),
+                method=pruning.method,
+                scope=pruning.scope,
+                seed=cfg.seed,
+                **OmegaConf.to_container(pruning.options),
+            )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"pruning: {e}") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ from lightning.pytorch import seed_everything
 from omegaconf import DictConfig, OmegaConf
 from prunekit.callbacks import Pruning
 from prunekit.experiments import paths as P
+from prunekit.experiments.config import ConfigError
 from prunekit.experiments.data import load_fashion_mnist
 from prunekit.experiments.models import build_model
 from prunekit.experiments.training import (
@@ -35,16 +38,17 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.root
     )  # a missing data folder fails here, before anything is written
     schedule = from_dict(OmegaConf.to_container(cfg.pruning.schedule))
-    P.check_writable(paths.root)
-    P.write_config(paths.config, cfg)
     started = time.perf_counter()
     seed_everything(cfg.seed, workers=True, verbose=False)
     net = build_model(cfg.model)
+    given = _load_dense_checkpoint(cfg.dense.checkpoint, net)  # also before anything is written
+    P.check_writable(paths.root)
+    P.write_config(paths.config, cfg)
     dm = datamodule(cfg, cfg.seed)
     test_loader = dm.test_dataloader()
     progress(f"run {paths.root}")
 
-    dense_acc, dense_s = _dense_phase(cfg, net, dm, paths)
+    dense_acc, dense_s = _dense_phase(cfg, net, dm, paths, given)
     pruning = Pruning(
         schedule,
         unit=cfg.pruning.unit,
@@ -103,14 +107,50 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _load_dense_checkpoint(path: str | None, net: torch.nn.Module) -> dict[str, Any] | None:
+    """The state_dict at ``dense.checkpoint``, checked against ``net`` (changed in nothing);
+    a missing, unreadable or mismatched file raises ``ConfigError`` naming it."""
+    if path is None:
+        return None
+    where = f"dense.checkpoint={path!r}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist")
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{where} cannot be loaded (truncated or not a state_dict?): {reason}"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{where} is not a state_dict (a dict of tensors)")
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        missing, unexpected = (
+            sorted(expected.keys() - got.keys()),
+            sorted(got.keys() - expected.keys()),
+        )
+        shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        raise ConfigError(
+            f"{where} does not fit model={type(net).__name__}: missing {missing}, "
+            f"unexpected {unexpected}, other shapes {shapes}"
+        )
+    return state
+
+
 def _dense_phase(
-    cfg: DictConfig, net: torch.nn.Module, dm: Any, paths: P.RunPaths
+    cfg: DictConfig,
+    net: torch.nn.Module,
+    dm: Any,
+    paths: P.RunPaths,
+    given: dict[str, Any] | None,
 ) -> tuple[float | None, float]:
     """Dense weights from a checkpoint, a finished earlier run, or ``dense.steps`` of training."""
     started = time.perf_counter()
     source = cfg.dense.checkpoint or (paths.dense_weights if paths.dense_weights.exists() else None)
     if source is not None:
-        net.load_state_dict(torch.load(source, weights_only=True))
+        net.load_state_dict(given if given is not None else torch.load(source, weights_only=True))
         progress(f"dense weights loaded from {source}")
     elif cfg.dense.steps > 0:
         evaluations = Evaluations(dm.test_dataloader(), label="dense ")

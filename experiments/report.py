@@ -25,12 +25,12 @@ def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with aligned columns.
+    """A plain-text table with aligned columns (floats with 4 decimals).
 
     >>> print(table(["a", "bb"], [[1, 0.5], [22, "x"]]))
     a   bb
-    --  ---
-    1   0.5
+    --  ------
+    1   0.5000
     22  x
     """
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]

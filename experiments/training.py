@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,7 +133,10 @@ def fit(
     ckpt_path: str | None = None,
 ) -> pl.Trainer:
     """Train ``module`` for ``max_steps`` optimizer steps, validating every ``val_every``;
-    metrics go to ``log_dir/metrics.csv`` (Lightning's CSVLogger) when given."""
+    metrics go to ``log_dir/metrics.csv`` (Lightning's CSVLogger) when given. A
+    ``ckpt_path`` to resume from is checked first (see :func:`check_checkpoint`)."""
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path)
     logger = CSVLogger(log_dir, name="", version="") if log_dir is not None else False
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -150,3 +155,28 @@ def fit(
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Fail, naming the file, unless ``path`` is a complete checkpoint file.
+
+    ``torch.save`` (and so Lightning) writes a zip archive; a missing file raises
+    ``FileNotFoundError``, a truncated or corrupted one (no central directory, a member
+    failing its CRC) ``ValueError``, before the Trainer touches the model.
+
+    >>> check_checkpoint("/no/such.ckpt")
+    Traceback (most recent call last):
+    FileNotFoundError: ckpt_path='/no/such.ckpt' does not exist
+    """
+    where = f"ckpt_path={os.fspath(path)!r}"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(
+            f"{where} is not a complete checkpoint (truncated or corrupt: {e})"
+        ) from None
+    if broken is not None:
+        raise ValueError(f"{where} is corrupt: {broken!r} fails its CRC check")

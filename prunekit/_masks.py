@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from prunekit._select import KeySource, MagnitudeKeys, RandomKeys, ScoreKeys, prune_lowest
-from prunekit._validate import amount_to_count, check_dim, check_mask, check_tensor, suggest
+from prunekit._validate import (
+    amount_to_count,
+    check_dim,
+    check_finite,
+    check_mask,
+    check_tensor,
+    suggest,
+)
 
 MaskFn = Callable[..., Tensor]
 _METHODS: dict[str, MaskFn] = {}
@@ -105,6 +112,7 @@ def magnitude_mask(
     check_tensor(scores, "scores")
     if scores.shape != t.shape:
         raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
+    check_finite(scores, "scores")
     return _prune_entries(t, amount, mask, ScoreKeys([scores]))
 
 
@@ -178,6 +186,7 @@ def ln_structured_mask(
         check_tensor(scores, "scores")
         if scores.shape != (t.shape[dim],):
             raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({t.shape[dim]},)")
+        check_finite(scores, "scores")
     return _prune_slices(t, amount, dim, mask, ScoreKeys([scores]))
 
 
@@ -222,9 +231,13 @@ def nm_mask(
     if t.shape[dim] % m:
         raise ValueError(f"m={m} does not divide the size {t.shape[dim]} of dim={dim}")
     if scores is None:
+        check_finite(t, "t")
         scores = t.detach().abs()
-    elif scores.shape != t.shape:
-        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
+    else:
+        check_tensor(scores, "scores")
+        if scores.shape != t.shape:
+            raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
+        check_finite(scores, "scores")
     groups = scores.movedim(dim, -1).reshape(-1, m)
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order[:, :n], True)

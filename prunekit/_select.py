@@ -57,7 +57,8 @@ class ScoreKeys(KeySource):
 
     def keys(self, i: int, start: int, stop: int, buf: Tensor, tmp: Tensor) -> Tensor:
         n = stop - start
-        key = buf[:n].copy_(self.flats[i][start:stop]).view(torch.int32)
+        # + 0.0 turns -0.0 into +0.0: equal scores must tie (and go by position)
+        key = buf[:n].copy_(self.flats[i][start:stop]).add_(0.0).view(torch.int32)
         flip = torch.bitwise_right_shift(key, 31, out=tmp[:n]).bitwise_and_(0x7FFFFFFF)
         return key.bitwise_xor_(flip)
 

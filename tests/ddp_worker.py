@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py: a 2-process CPU DDP fit that records mask checksums per rank.
 
 Usage: python tests/ddp_worker.py OUT_DIR METHOD SCOPE [DEVICES]
+(METHOD "structured": random_structured on the first layer, ln_structured on the others)
 Each rank feeds different data (so only DDP's gradient averaging keeps weights equal)
 and writes OUT_DIR/rank<r>.json: the logged target sparsity and a checksum of every
 mask after every update.
@@ -48,11 +49,17 @@ class Recorder(Pruning):
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # two ranks on a small machine: no oversubscription
     out, method, scope = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     devices = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     options = {"dim": 0} if method in ("ln_structured", "random_structured") else {}
+    targets = None
+    if method == "structured":  # both structured methods in one run: random on the first layer
+        method, options = "ln_structured", {"dim": 0}
+        targets = {"net.0.weight": {"method": "random_structured"}, "net.[24].weight": None}
     pruning = Recorder(
         Polynomial(0.0, 0.8, begin=2, end=12, frequency=2),
+        targets=targets,
         method=method,
         scope=scope,
         seed=5,

@@ -25,7 +25,7 @@ def run_worker(out: Path, method: str, scope: str, devices: int) -> list[list[di
 
 @pytest.mark.parametrize(
     ("method", "scope"),
-    [("magnitude", "global"), ("random", "global"), ("ln_structured", "layer")],
+    [("magnitude", "global"), ("random", "global"), ("structured", "layer")],
 )
 def test_masks_identical_across_ranks(tmp_path: Path, method: str, scope: str) -> None:
     rank0, rank1 = run_worker(tmp_path / "ddp", method, scope, devices=2)

@@ -1,0 +1,600 @@
+"""The catalogue of bad inputs: every one fails early, clearly, and without side effects.
+
+``CATALOGUE`` is the single documented list: docs/bad-inputs.md is generated from it
+(``.venv/bin/python tests/test_bad_inputs.py`` rewrites the file) and the test checks
+that every row there is what the case really gives today, so the two cannot drift.
+
+For each case, ONE parametrised test checks that
+
+- the error has the documented type and its message names the argument or value
+  (a regex per case);
+- the error is raised by our code (the innermost traceback frame is in prunekit,
+  schedules, callbacks or experiments), not a bare error from deep inside torch or
+  Lightning; CLI cases exit with status 2 and print one ``error:`` line instead;
+- the model (and any input tensor) is bit-for-bit unchanged, and the output folder holds
+  exactly the files it held before the call (nothing partial was written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "bad-inputs.md"
+OURS = tuple(REPO / d for d in ("prunekit", "schedules", "callbacks", "experiments"))
+QUICK = REPO / "experiments" / "configs" / "quick_gradual.yaml"
+
+if __name__ == "__main__":  # run as a script: make the repository importable as in pytest
+    sys.path.insert(0, str(REPO))
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from prunekit.callbacks import Pruning, RewindPoint  # noqa: E402
+from prunekit.experiments import cli  # noqa: E402
+from prunekit.experiments.config import ConfigError, GradualConfig, load_config  # noqa: E402
+from prunekit.experiments.data import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    FashionMNISTDataModule,
+    load_fashion_mnist,
+)
+from prunekit.experiments.paths import check_writable  # noqa: E402
+from prunekit.experiments.training import fit as run_fit  # noqa: E402
+from prunekit.schedules import (  # noqa: E402
+    Constant,
+    Exponential,
+    FromCallable,
+    LotteryTicketPlan,
+    Polynomial,
+    Steps,
+    from_dict,
+)
+
+import prunekit  # noqa: E402
+from prunekit import ActivationPruning, Pruner  # noqa: E402
+from tests.lit_helpers import TinyNet, loader, trainer  # noqa: E402
+
+
+class CliError(Exception):
+    """A ``prunekit`` command that exited with a non-zero status (the message: its stderr)."""
+
+    def __init__(self, status: int, stderr: str) -> None:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        super().__init__(lines[-1] if lines else "")
+        self.status = status
+
+
+@dataclass
+class Ctx:
+    """What one case may touch: a temp root, the watched output folder, the watched model
+    and input tensors."""
+
+    root: Path
+    out: Path
+    model: nn.Module
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every byte of the model's state, of the input tensors and of the output folder."""
+        state = {f"model.{k}": _fingerprint(v) for k, v in self.model.state_dict().items()}
+        state.update({f"tensor.{k}": _fingerprint(v) for k, v in self.tensors.items()})
+        for path in sorted(self.out.rglob("*")):
+            content = path.read_bytes() if path.is_file() else "dir"
+            state[f"file.{path.relative_to(self.out)}"] = content
+        return state
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], bytes]:
+    raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8)  # NaN-safe: bytes
+    return t.dtype, tuple(t.shape), raw.numpy().tobytes()
+
+
+Prepare = Callable[[Ctx], Callable[[], object]]
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    input: str  # what is wrong, in words
+    where: str  # the entry point
+    error: type[BaseException]
+    match: str  # regex: the message names the argument or value
+    prepare: Prepare  # sets up (before the snapshot) and returns the failing call
+    #: Lightning loads a checkpoint's weights into the model before any callback runs;
+    #: for these cases the model must then hold exactly the checkpoint's weights.
+    loads_checkpoint: str | None = None
+
+
+# --------------------------------------------------------------------- helpers
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def weights(ctx: Ctx) -> torch.Tensor:
+    t = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    ctx.tensors["t"] = t
+    return t
+
+
+def call(fn: Callable[..., object], *args: Any, **kwargs: Any) -> Prepare:
+    """A case calling ``fn(*args, **kwargs)``; an argument ``T`` becomes the watched tensor."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        real = [weights(ctx) if a is T else a for a in args]
+        return lambda: fn(*real, **kwargs)
+
+    return prepare
+
+
+T = object()  # placeholder for the watched input tensor
+
+
+def on_mlp(action: Callable[[nn.Module], object]) -> Prepare:
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        return lambda: action(ctx.model)
+
+    return prepare
+
+
+def on_pruner(
+    action: Callable[[Pruner], object],
+    setup: Callable[[Pruner], object] | None = None,
+    **kwargs: Any,
+) -> Prepare:
+    """A Pruner on the watched model, optionally set up first (before the snapshot)."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        pruner = Pruner(ctx.model, **kwargs)
+        if setup is not None:
+            setup(pruner)
+        return lambda: action(pruner)
+
+    return prepare
+
+
+def with_nan(ctx: Ctx) -> None:
+    with torch.no_grad():
+        ctx.model[2].weight[1, 3] = math.nan
+
+
+def fit_tiny(pruning: Callable[[], Pruning], model: Callable[[], nn.Module] = TinyNet) -> Prepare:
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        ctx.model = model()
+        fit = trainer(max_steps=2, callbacks=[pruning()], default_root_dir=ctx.out)
+        return lambda: fit.fit(ctx.model, loader())
+
+    return prepare
+
+
+def saved_checkpoint(ctx: Ctx, schedule: Any = None) -> Path:
+    """A real Lightning checkpoint of TinyNet with a Pruning callback, written under root."""
+    folder = ctx.root / "ckpt"
+    saver = ModelCheckpoint(folder, filename="last")
+    fit = trainer(
+        max_steps=2,
+        callbacks=[Pruning(schedule or Constant(0.5)), saver],
+        enable_checkpointing=True,
+        default_root_dir=folder,
+    )
+    fit.fit(TinyNet(), loader())
+    return folder / "last.ckpt"
+
+
+def ckpt_in(ctx: Ctx, kind: str) -> str:
+    path = saved_checkpoint(ctx)
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def fashion_dm(ctx: Ctx) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(batch_size=60, subset=600, val_size=100)
+
+
+def run_cli(*args: str) -> Prepare:
+    """``prunekit ARGS`` in-process; ``{out}`` / ``{root}`` in args are the case's folders."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        argv = [a.format(out=ctx.out, root=ctx.root) for a in args]
+
+        def invoke() -> None:
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    status = cli.main(argv)
+                except SystemExit as e:  # argparse
+                    status = int(e.code or 0)
+            if status:
+                raise CliError(status, stderr.getvalue())
+
+        return invoke
+
+    return prepare
+
+
+def cli_file(name: str, text: str, *args: str) -> Prepare:
+    """Write a file under root (not the watched folder), then run the CLI."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        (ctx.root / name).write_text(text)
+        return run_cli(*args)(ctx)
+
+    return prepare
+
+
+def truncated_dense(ctx: Ctx) -> Callable[[], object]:
+    path = ctx.root / "dense.pt"
+    torch.save({"fc1.weight": torch.zeros(300, 784)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    return run_cli("run", str(QUICK), f"out_dir={ctx.out}", f"dense.checkpoint={path}")(ctx)
+
+
+def foreign_dense(ctx: Ctx) -> Callable[[], object]:
+    path = ctx.root / "other.pt"
+    torch.save(mlp().state_dict(), path)
+    return run_cli("run", str(QUICK), f"out_dir={ctx.out}", f"dense.checkpoint={path}")(ctx)
+
+
+def corrupt_data(ctx: Ctx) -> Callable[[], object]:
+    folder = ctx.root / "data"
+    folder.mkdir()
+    for f in Path(DEFAULT_DATA_DIR).iterdir():  # the real files, but one of them cut short
+        if f.name == "t10k-labels-idx1-ubyte.gz":
+            (folder / f.name).write_bytes(f.read_bytes()[:-100])
+        else:
+            (folder / f.name).symlink_to(f)
+    return lambda: load_fashion_mnist(folder)
+
+
+def resume_other_schedule(ctx: Ctx) -> Callable[[], object]:
+    path = saved_checkpoint(ctx, Constant(0.5))
+    ctx.model = TinyNet()
+    fit = trainer(max_steps=4, callbacks=[Pruning(Constant(0.7))], default_root_dir=ctx.out)
+    return lambda: fit.fit(ctx.model, loader(), ckpt_path=str(path))
+
+
+def resume_other_targets(ctx: Ctx) -> Callable[[], object]:
+    path = saved_checkpoint(ctx, Constant(0.5))
+    state = torch.load(path, weights_only=False)
+    key = next(k for k in state["callbacks"] if k.startswith("Pruning"))
+    state["callbacks"][key]["pruner"]["masks"].pop("net.4.weight")
+    torch.save(state, path)
+    ctx.model = TinyNet()
+    fit = trainer(max_steps=4, callbacks=[Pruning(Constant(0.5))], default_root_dir=ctx.out)
+    return lambda: fit.fit(ctx.model, loader(), ckpt_path=str(path))
+
+
+def fit_helper_truncated(ctx: Ctx) -> Callable[[], object]:
+    from prunekit.experiments.module import Classifier
+
+    path = ckpt_in(ctx, "truncated")
+    ctx.model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), optimizer="sgd", lr=0.1)
+    return lambda: run_fit(
+        ctx.model, fashion_dm(ctx), max_steps=2, val_every=1, log_dir=ctx.out, ckpt_path=path
+    )
+
+
+def unwritable(ctx: Ctx) -> Callable[[], object]:
+    blocker = ctx.root / "a-file"
+    blocker.write_text("")
+    return lambda: check_writable(blocker / "run")
+
+
+def yaml_typo(ctx: Ctx) -> Callable[[], object]:
+    path = ctx.root / "typo.yaml"
+    path.write_text("name: x\nsteps: 5\ndata:\n  bath_size: 3\n")
+    return lambda: load_config(GradualConfig, path)
+
+
+def config(*overrides: str) -> Prepare:
+    return lambda ctx: lambda: load_config(GradualConfig, QUICK, list(overrides))
+
+
+def bad_packed(pruner: Pruner) -> None:
+    state = pruner.state_dict()
+    state["masks"]["0.weight"]["packed"] = state["masks"]["0.weight"]["packed"][:-1]
+    pruner.load_state_dict(state)
+
+
+def other_model_state(pruner: Pruner) -> None:
+    pruner.load_state_dict(
+        Pruner(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))).state_dict()
+    )
+
+
+# ------------------------------------------------------------------ catalogue
+V, Ty = ValueError, TypeError
+# fmt: off
+CATALOGUE: list[Bad] = [
+    # ---- engine: tensor-level functions
+    Bad("amount-above-one", "amount=1.5", "magnitude_mask", V, r"amount=1\.5 must be a fraction in \[0, 1\]", call(prunekit.magnitude_mask, T, 1.5)),
+    Bad("amount-nan", "amount=nan", "magnitude_mask", V, r"amount=nan", call(prunekit.magnitude_mask, T, math.nan)),
+    Bad("amount-negative-count", "amount=-1 (an int count)", "magnitude_mask", V, r"amount=-1 must be a count in \[0, 48\]", call(prunekit.magnitude_mask, T, -1)),
+    Bad("amount-count-too-large", "amount=49 for 48 entries", "magnitude_mask", V, r"amount=49 must be a count in \[0, 48\]", call(prunekit.magnitude_mask, T, 49)),
+    Bad("amount-string", "amount='0.5'", "magnitude_mask", Ty, r"amount='0\.5' must be a float", call(prunekit.magnitude_mask, T, "0.5")),
+    Bad("amount-bool", "amount=True", "random_mask", Ty, r"amount=True", call(prunekit.random_mask, T, True)),
+    Bad("tensor-int", "an int64 tensor", "magnitude_mask", Ty, r"t must be a floating-point tensor, got dtype torch\.int64", call(prunekit.magnitude_mask, torch.arange(6), 0.5)),
+    Bad("tensor-list", "a list instead of a tensor", "magnitude_mask", Ty, r"t must be a torch\.Tensor, got list", call(prunekit.magnitude_mask, [1.0, 2.0], 0.5)),
+    Bad("tensor-nan", "a NaN in the tensor", "magnitude_mask", V, r"t holds NaN or inf", lambda ctx: (lambda t: lambda: prunekit.magnitude_mask(t, 0.5))(_nan_tensor(ctx))),
+    Bad("scores-inf", "an inf in scores", "magnitude_mask(scores=...)", V, r"scores holds 1 NaN or inf", call(prunekit.magnitude_mask, T, 0.5, scores=torch.tensor([math.inf] + [1.0] * 47).view(6, 8))),
+    Bad("scores-shape", "scores of another shape", "magnitude_mask(scores=...)", V, r"scores has shape \(8, 6\), expected \(6, 8\)", call(prunekit.magnitude_mask, T, 0.5, scores=torch.ones(8, 6))),
+    Bad("mask-float", "a float mask", "magnitude_mask(mask=...)", Ty, r"mask must be a torch\.bool tensor .* got torch\.float32", call(prunekit.magnitude_mask, T, 0.5, mask=torch.ones(6, 8))),
+    Bad("mask-shape", "a mask of another shape", "magnitude_mask(mask=...)", V, r"mask has shape \(8, 6\), expected \(6, 8\)", call(prunekit.magnitude_mask, T, 0.5, mask=torch.ones(8, 6, dtype=torch.bool))),
+    Bad("mask-shrinks-only", "amount below what the given mask already prunes", "magnitude_mask(mask=...)", V, r"amount=0\.1 asks for 5 pruned of 48, but the given mask already prunes 24; masks only shrink", call(prunekit.magnitude_mask, T, 0.1, mask=torch.arange(48).view(6, 8) % 2 == 0)),
+    Bad("ln-order", "n=3 (not 0, 1, 2, inf)", "ln_structured_mask", V, r"n=3 must be one of 0, 1, 2, inf", call(prunekit.ln_structured_mask, T, 0.5, n=3)),
+    Bad("dim-out-of-range", "dim=5 for a 2-d tensor", "ln_structured_mask", V, r"dim=5 is out of range for a tensor with 2 dimensions", call(prunekit.ln_structured_mask, T, 0.5, dim=5)),
+    Bad("dim-float", "dim=0.0", "random_structured_mask", Ty, r"dim=0\.0 must be an int", call(prunekit.random_structured_mask, T, 0.5, dim=0.0)),
+    Bad("nm-n-above-m", "n=3, m=2", "nm_mask", V, r"n=3, m=2: need 0 < n <= m", call(prunekit.nm_mask, T, 3, 2)),
+    Bad("nm-m-not-dividing", "m=3 for rows of 8", "nm_mask", V, r"m=3 does not divide the size 8 of dim=1", call(prunekit.nm_mask, T, 2, 3)),
+    Bad("nm-n-float", "n=2.0", "nm_mask", Ty, r"n=2\.0 must be an int", call(prunekit.nm_mask, T, 2.0, 4)),
+    Bad("nm-nan", "a NaN in the tensor", "nm_mask", V, r"t holds 1 NaN or inf", lambda ctx: (lambda t: lambda: prunekit.nm_mask(t, 2, 4))(_nan_tensor(ctx))),
+    Bad("method-unknown", "method='l1'", "prune", V, r"method='l1' is not a pruning method; choose one of \[", call(prunekit.prune, T, "l1", 0.5)),
+    Bad("method-no-amount", "no amount for magnitude", "prune", Ty, r"method='magnitude' needs an amount", call(prunekit.prune, T, "magnitude")),
+    Bad("method-duplicate", "registering 'magnitude' again", "register_method", V, r"'magnitude' is already registered", lambda ctx: lambda: prunekit.register_method("magnitude")(lambda t, a: t > 0)),
+    Bad("global-empty", "no tensors", "global_magnitude_masks", V, r"named_tensors is empty", call(prunekit.global_magnitude_masks, {}, 0.5)),
+    # ---- engine: Pruner
+    Bad("pruner-not-module", "a state_dict instead of a module", "Pruner", Ty, r"model must be a torch\.nn\.Module, got OrderedDict", lambda ctx: lambda: Pruner(ctx.model.state_dict())),
+    Bad("pruner-scope", "scope='model'", "Pruner", V, r"scope='model' must be one of \('global', 'layer'\)", on_mlp(lambda m: Pruner(m, scope="model"))),
+    Bad("pruner-method", "method='l3'", "Pruner", V, r"method='l3' is not a pruning method", on_mlp(lambda m: Pruner(m, method="l3"))),
+    Bad("pruner-global-structured", "scope='global' with ln_structured", "Pruner", V, r"scope='global' ranks single weights across layers; method='ln_structured'", on_mlp(lambda m: Pruner(m, method="ln_structured"))),
+    Bad("pruner-target-typo", "targets='0.wieght'", "Pruner", V, r"targets entry '0\.wieght' matches no parameter of Sequential \(did you mean '0\.weight'", on_mlp(lambda m: Pruner(m, targets="0.wieght"))),
+    Bad("pruner-target-type", "targets=[nn.Conv2d] in an MLP", "Pruner", V, r"targets entry Conv2d matches no module", on_mlp(lambda m: Pruner(m, targets=[nn.Conv2d]))),
+    Bad("pruner-exclude-all", "exclude='*'", "Pruner", V, r"no parameter of Sequential is left to prune .*exclude='\*'", on_mlp(lambda m: Pruner(m, exclude="*"))),
+    Bad("pruner-no-prunable", "a model with no prunable parameters", "Pruner", V, r"no parameter of Sequential is left to prune", lambda ctx: lambda: Pruner(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))),
+    Bad("pruner-option", "an unknown method option foo=1", "Pruner", V, r"option\(s\) \['foo'\] are not options of method='magnitude'", on_mlp(lambda m: Pruner(m, foo=1))),
+    Bad("pruner-seed", "seed='x'", "Pruner", Ty, r"seed='x' must be an int", on_mlp(lambda m: Pruner(m, seed="x"))),
+    Bad("pruner-nm-m", "nm with m=3 for 8 inputs", "Pruner", V, r"m=3 does not divide size 8 of dim=-1 of 0\.weight", on_mlp(lambda m: Pruner(m, method="nm", scope="layer", m=3))),
+    Bad("pruner-override-sparsity", "a target's own sparsity=2.0", "Pruner(targets={...})", V, r"targets\['0\.weight'\]\['sparsity'\]=2\.0", on_mlp(lambda m: Pruner(m, targets={"0.weight": {"sparsity": 2.0}}))),
+    Bad("prune-to-above-one", "sparsity=1.5", "Pruner.prune_to", V, r"sparsity=1\.5 must be a fraction", on_pruner(lambda p: p.prune_to(1.5))),
+    Bad("prune-to-nan", "sparsity=nan", "Pruner.prune_to", V, r"sparsity=nan", on_pruner(lambda p: p.prune_to(math.nan))),
+    Bad("prune-to-typo", "sparsity={'4.wieght': 0.5}", "Pruner.prune_to", V, r"sparsity names '4\.wieght', not a target \(did you mean '4\.weight'", on_pruner(lambda p: p.prune_to({"4.wieght": 0.5}))),
+    Bad("prune-to-lower", "a lower sparsity than already reached", "Pruner.prune_to", V, r"sparsity=0\.2 asks for .* but .* already are; masks only shrink", on_pruner(lambda p: p.prune_to(0.2), setup=lambda p: p.prune_to(0.5))),
+    Bad("prune-to-nan-weights", "NaN weights at prune time (global)", "Pruner.prune_to", V, r"2\.weight holds NaN or inf values", lambda ctx: (with_nan(ctx), on_pruner(lambda p: p.prune_to(0.5))(ctx))[1]),
+    Bad("prune-to-nan-weights-layer", "NaN weights at prune time (layer)", "Pruner.prune_to", V, r"2\.weight holds 1 NaN or inf values", lambda ctx: (with_nan(ctx), on_pruner(lambda p: p.prune_to(0.5), scope="layer"))[1](ctx)),
+    Bad("prune-to-scores-dtype", "integer scores", "Pruner.prune_to(scores=...)", Ty, r"scores\['0\.weight'\] must be a floating-point tensor", on_pruner(lambda p: p.prune_to(0.5, scores={"0.weight": torch.ones(6, 8, dtype=torch.long)}))),
+    Bad("prune-to-scores-partial", "scores for one of the globally ranked targets", "Pruner.prune_to(scores=...)", V, r"scores must cover all of the 3 globally ranked targets or none", on_pruner(lambda p: p.prune_to(0.5, scores={"0.weight": torch.rand(6, 8)}))),
+    Bad("set-masks-float", "a float custom mask", "Pruner.set_masks", V, r"masks\['0\.weight'\] must be a bool tensor of shape \(6, 8\)", on_pruner(lambda p: p.set_masks({"0.weight": torch.ones(6, 8)}))),
+    Bad("attach-not-optimizer", "attach('sgd')", "Pruner.attach", Ty, r"optimizer must be a torch\.optim\.Optimizer, got str", on_pruner(lambda p: p.attach("sgd"))),
+    Bad("attach-foreign-optimizer", "an optimizer over another model", "Pruner.attach", V, r"optimizer holds none of the pruned parameters", on_pruner(lambda p: p.attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)))),
+    Bad("state-other-model", "a Pruner state_dict from another model", "Pruner.load_state_dict", V, r"state_dict belongs to another model or target set: missing \['4\.weight'\]", on_pruner(other_model_state)),
+    Bad("state-not-a-state", "a dict without masks", "Pruner.load_state_dict", V, r"state is not a Pruner state_dict \(no 'masks' entry\)", on_pruner(lambda p: p.load_state_dict({"weights": {}}))),
+    Bad("state-corrupt-packed", "a packed mask one byte short", "Pruner.load_state_dict", V, r"packed mask has 5 torch\.uint8 bytes; shape \(6, 8\) needs 6", on_pruner(bad_packed)),
+    Bad("pruner-removed", "prune_to after remove()", "Pruner.prune_to", RuntimeError, r"this Pruner was removed; create a new one", on_pruner(lambda p: p.prune_to(0.5), setup=lambda p: p.remove())),
+    Bad("activation-amount", "amount=2.0", "ActivationPruning", V, r"amount=2\.0 must be in \[0, 1\]", on_mlp(lambda m: ActivationPruning(m[0], amount=2.0))),
+    Bad("activation-method", "method='random'", "ActivationPruning", V, r"method='random' must be one of \('topk', 'channel'\)", on_mlp(lambda m: ActivationPruning(m[0], 0.5, method="random"))),
+    # ---- schedules
+    Bad("schedule-final-below-initial", "final < initial", "Polynomial", V, r"final=0\.2 must be >= initial=0\.5", lambda ctx: lambda: Polynomial(0.5, 0.2, begin=0, end=10)),
+    Bad("schedule-final-one", "final=1.0 (everything pruned)", "Polynomial", V, r"final=1\.0 must be in \[0, 1\)", lambda ctx: lambda: Polynomial(0.0, 1.0, begin=0, end=10)),
+    Bad("schedule-end-before-begin", "end <= begin", "Linear via from_dict", V, r"end=5 must be > begin=10", lambda ctx: (lambda: from_dict({"kind": "linear", "initial": 0.0, "final": 0.5, "begin": 10, "end": 5}))),
+    Bad("schedule-frequency-zero", "frequency=0", "Polynomial", V, r"frequency=0 must be >= 1", lambda ctx: lambda: Polynomial(0.0, 0.9, begin=0, end=10, frequency=0)),
+    Bad("schedule-power-nan", "power=nan", "Polynomial", V, r"power=nan must be a finite number > 0", lambda ctx: lambda: Polynomial(0.0, 0.9, begin=0, end=10, power=math.nan)),
+    Bad("schedule-sparsity-nan", "sparsity=nan", "Constant", V, r"sparsity=nan must be in \[0, 1\)", lambda ctx: lambda: Constant(math.nan)),
+    Bad("schedule-begin-str", "begin='10'", "Constant", Ty, r"begin='10' must be an int, got str", lambda ctx: lambda: Constant(0.5, begin="10")),
+    Bad("schedule-steps-duplicate", "two points at the same time", "Steps", V, r"points\[1\] time=5 must be > the previous time 5", lambda ctx: lambda: Steps([(5, 0.5), (5, 0.6)])),
+    Bad("schedule-rate-one", "rate=1.0", "Exponential", V, r"rate=1\.0 must be in \(0, 1\)", lambda ctx: lambda: Exponential(1.0)),
+    Bad("schedule-kind-typo", "kind='polynomal'", "from_dict", V, r"unknown schedule kind='polynomal' \(did you mean 'polynomial'", lambda ctx: lambda: from_dict({"kind": "polynomal"})),
+    Bad("schedule-key-typo", "key 'ned' instead of 'end'", "from_dict", V, r"unknown key 'ned' for schedule kind 'linear' \(did you mean 'end'\?\)", lambda ctx: (lambda: from_dict({"kind": "linear", "initial": 0.0, "final": 0.5, "begin": 0, "ned": 10}))),
+    Bad("schedule-time-negative", "t=-1", "Schedule.__call__", V, r"t=-1 must be >= 0", lambda ctx: lambda: Constant(0.5)(-1)),
+    Bad("schedule-time-float", "t=1.5", "Schedule.is_update", Ty, r"t=1\.5 must be an int, got float", lambda ctx: lambda: Constant(0.5).is_update(1.5)),
+    Bad("schedule-callable-range", "a user function returning 1.5", "FromCallable", V, r"returned 1\.5; a sparsity must be in \[0, 1\)", lambda ctx: lambda: FromCallable(_too_much)(3)),
+    Bad("lottery-plan-rate", "layer_rates={'output': 0}", "LotteryTicketPlan", V, r"layer_rates\['output'\]=0 must be in \(0, 1\)", lambda ctx: lambda: LotteryTicketPlan(rounds=3, rate=0.2, layer_rates={"output": 0})),
+    # ---- callbacks
+    Bad("callback-schedule-float", "schedule=0.5", "Pruning", Ty, r"schedule=0\.5 must be a Schedule or a callable", lambda ctx: lambda: Pruning(0.5)),
+    Bad("callback-unit", "unit='batch'", "Pruning", V, r"unit='batch' must be one of \('step', 'epoch'\)", lambda ctx: lambda: Pruning(Constant(0.5), unit="batch")),
+    Bad("callback-method", "method='l9'", "Pruning", V, r"method='l9' is not a pruning method", lambda ctx: lambda: Pruning(Constant(0.5), method="l9")),
+    Bad("callback-rewind-step", "step=-1", "RewindPoint", V, r"step=-1 must be an int >= 0", lambda ctx: lambda: RewindPoint(step=-1)),
+    Bad("callback-target-typo", "targets='net.1.weight' (a ReLU)", "Trainer.fit with Pruning", V, r"targets entry 'net\.1\.weight' matches no parameter of TinyNet \(did you mean", fit_tiny(lambda: Pruning(Constant(0.5), targets="net.1.weight"))),
+    Bad("callback-no-prunable", "a LightningModule with nothing to prune", "Trainer.fit with Pruning", V, r"no parameter of .* is left to prune", fit_tiny(lambda: Pruning(Constant(0.5), exclude="net.*"))),
+    Bad("callback-nan-weights", "NaN weights when the first update comes", "Trainer.fit with Pruning", V, r"net\.2\.weight holds NaN or inf values", fit_tiny(lambda: Pruning(Constant(0.5)), model=lambda: _nan_tinynet())),
+    Bad("resume-other-schedule", "resuming with another schedule", "Trainer.fit(ckpt_path=...)", V, r"the checkpoint was written with schedule .* resume with the same schedule", resume_other_schedule, loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-targets", "a checkpoint whose masks are for other targets", "Trainer.fit(ckpt_path=...)", V, r"state_dict belongs to another model or target set: missing \['net\.4\.weight'\]", resume_other_targets, loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-truncated", "a truncated .ckpt file as ckpt_path", "experiments.training.fit", V, r"ckpt_path='.*last\.ckpt' is not a complete checkpoint \(truncated or corrupt", fit_helper_truncated),
+    # ---- configs
+    Bad("config-key-typo", "trian.lr=0.1", "load_config", ConfigError, r"unknown key 'trian' \(from the command line\); did you mean 'train'\?", config("trian.lr=0.1")),
+    Bad("config-nested-typo", "train.lrr=0.1", "load_config", ConfigError, r"unknown key 'train\.lrr' .*did you mean 'lr'\?", config("train.lrr=0.1")),
+    Bad("config-yaml-typo", "data: {bath_size: 3} in a YAML file", "load_config", ConfigError, r"unknown key 'data\.bath_size' \(in .*typo\.yaml\); did you mean 'batch_size'\?", yaml_typo),
+    Bad("config-type", "steps=ten", "load_config", ConfigError, r"bad value for 'steps' \(from the command line\)", config("steps=ten")),
+    Bad("config-missing-file", "a config file that does not exist", "load_config", ConfigError, r"config file '.*nope\.yaml' does not exist", lambda ctx: lambda: load_config(GradualConfig, ctx.root / "nope.yaml")),
+    Bad("config-missing-value", "no steps", "load_config", ConfigError, r"missing required value\(s\): steps", lambda ctx: lambda: load_config(GradualConfig, None, ["name=x"])),
+    Bad("config-lr-nan", "train.lr=nan", "load_config", ConfigError, r"train\.lr=nan must be > 0", config("train.lr=nan")),
+    Bad("config-model", "model=lenet", "load_config", ConfigError, r"model='lenet' is not one of \[", config("model=lenet")),
+    Bad("config-schedule", "pruning.schedule.final=1.5", "load_config", ConfigError, r"pruning\.schedule: final=1\.5 must be in \[0, 1\)", config("pruning.schedule.final=1.5")),
+    Bad("config-method", "pruning.method=l9", "load_config", ConfigError, r"pruning: method='l9' is not a pruning method", config("pruning.method=l9")),
+    Bad("config-targets", "pruning.targets=[fc9.weight]", "load_config", ConfigError, r"pruning: targets entry 'fc9\.weight' matches no parameter of LeNet300100 \(did you mean", config("pruning.targets=[fc9.weight]")),
+    Bad("config-options", "pruning.options={foo: 1}", "load_config", ConfigError, r"pruning: Pruner: option\(s\) \['foo'\]", config("pruning.options={foo: 1}")),
+    Bad("config-lr-schedule", "train.lr_schedule=cosin", "load_config", ConfigError, r"train: lr_schedule='cosin' must be one of", config("train.lr_schedule=cosin")),
+    Bad("config-subset", "data.subset=60000", "load_config", ConfigError, r"data: subset=60000 must be at most the 55000 training images", config("data.subset=60000")),
+    # ---- data
+    Bad("data-missing-dir", "a data folder that does not exist", "load_fashion_mnist", FileNotFoundError, r"Fashion-MNIST folder not found: .*no-data\. Install the data with", lambda ctx: lambda: load_fashion_mnist(ctx.root / "no-data")),
+    Bad("data-truncated-file", "a truncated gzip IDX file", "load_fashion_mnist", V, r"corrupt or truncated gzip file .*t10k-labels-idx1-ubyte\.gz", corrupt_data),
+    Bad("data-batch-size", "batch_size=0", "FashionMNISTDataModule", V, r"batch_size=0 must be >= 1", lambda ctx: lambda: FashionMNISTDataModule(batch_size=0)),
+    Bad("paths-unwritable", "an output folder below a regular file", "check_writable", PermissionError, r"cannot write the run folder .*a-file/run", unwritable),
+    # ---- the prunekit command
+    Bad("cli-command", "prunekit frobnicate", "prunekit (argparse)", CliError, r"invalid choice: 'frobnicate'", run_cli("frobnicate")),
+    Bad("cli-config-missing", "prunekit run nope.yaml", "prunekit run", CliError, r"prunekit run: error: config file '.*nope\.yaml' does not exist", run_cli("run", "{root}/nope.yaml")),
+    Bad("cli-key-typo", "prunekit run quick.yaml trian.lr=0.1", "prunekit run", CliError, r"prunekit run: error: unknown key 'trian'", run_cli("run", str(QUICK), "out_dir={out}", "trian.lr=0.1")),
+    Bad("cli-override-form", "an override without '='", "prunekit run", CliError, r"override 'steps' must look like key=value", run_cli("run", str(QUICK), "steps")),
+    Bad("cli-missing-data", "data.root=<missing folder>", "prunekit run", CliError, r"prunekit run: error: Fashion-MNIST folder not found: .*no-data", run_cli("run", str(QUICK), "out_dir={out}", "data.root={root}/no-data")),
+    Bad("cli-unwritable", "out_dir below a regular file", "prunekit run", CliError, r"prunekit run: error: cannot write the run folder", cli_file("blocker", "", "run", str(QUICK), "out_dir={root}/blocker")),
+    Bad("cli-dense-truncated", "dense.checkpoint=<truncated file>", "prunekit run", CliError, r"prunekit run: error: dense\.checkpoint='.*dense\.pt' cannot be loaded", truncated_dense),
+    Bad("cli-dense-foreign", "dense.checkpoint=<another model's weights>", "prunekit run", CliError, r"prunekit run: error: dense\.checkpoint='.*other\.pt' does not fit model=LeNet300100: missing \['fc1\.bias'", foreign_dense),
+    Bad("cli-report-missing", "prunekit report <folder without summary.json>", "prunekit report", CliError, r"prunekit report: error: .*no summary\.json", run_cli("report", "{out}")),
+]
+# fmt: on
+
+
+def _nan_tensor(ctx: Ctx) -> torch.Tensor:
+    t = weights(ctx)
+    t[2, 5] = math.nan
+    return t
+
+
+def _nan_tinynet() -> TinyNet:
+    model = TinyNet()
+    with torch.no_grad():
+        model.net[2].weight[0, 0] = math.nan
+    return model
+
+
+def _too_much(t: int) -> float:
+    return 1.5
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class Outcome:
+    error: BaseException
+    message: str  # one line, temp paths replaced by TMP
+    before: dict[str, Any]
+    after: dict[str, Any]
+    ctx: Ctx
+
+
+def run_case(case: Bad, root: Path) -> Outcome:
+    out = root / "out"
+    out.mkdir()
+    (out / "existing.txt").write_text("written before the call\n")
+    ctx = Ctx(root=root, out=out, model=mlp())
+    thunk = case.prepare(ctx)
+    before = ctx.snapshot()
+    try:
+        thunk()
+    except BaseException as e:
+        message = " ".join(str(e).split("\n"))
+        for path, name in ((root.resolve(), "TMP"), (root, "TMP"), (REPO, "REPO")):
+            message = message.replace(str(path), name)
+        message = re.sub(r"(TMP/\S*-)[0-9a-f]{8}\b", r"\1HASH", message)  # run folder names
+        return Outcome(e, message, before, ctx.snapshot(), ctx)
+    raise AssertionError(f"{case.id}: no error was raised")
+
+
+def error_name(error: type[BaseException]) -> str:
+    return "exit status 2 (stderr)" if error is CliError else error.__name__
+
+
+def row(case: Bad, message: str) -> str:
+    cells = [case.id, _text(case.input), _code(case.where), error_name(case.error), _code(message)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _text(text: str) -> str:
+    for char in "\\|*_<>`[]":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _code(text: str) -> str:
+    fence = "``" if "`" in text else "`"
+    pad = " " if fence == "``" else ""
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|')}{pad}{fence}"
+
+
+HEADER = """# Bad inputs
+
+Every bad input below fails before anything changes: the model's weights and the output
+folder are left as they were, and the error names the argument or value at fault.
+`tests/test_bad_inputs.py` runs every row (one parametrised test) and checks the error
+type, the message, that our code (not torch or Lightning internals) raised it, and that
+nothing was modified or half-written. This file is generated from that test's
+catalogue; regenerate it with
+
+    .venv/bin/python tests/test_bad_inputs.py
+
+`TMP` stands for the test's temporary folder, `HASH` for a run folder's config hash.
+Errors of the `prunekit` command are printed as one `prunekit <command>: error: ...` line
+on stderr, with exit status 2.
+
+Two rows resume a Lightning run from a checkpoint: there Lightning loads the
+checkpoint's weights into the model before any callback runs, so after the error the
+model holds exactly the checkpoint's weights (the test checks that, not a mixture).
+A truncated checkpoint passed straight to `Trainer.fit(ckpt_path=...)` fails inside
+`torch.load` before any of our code runs ("PytorchStreamReader failed reading zip
+archive"); `prunekit.experiments.training.fit` checks the file first (the row
+`resume-truncated`).
+
+| case | input | where | error | message |
+|---|---|---|---|---|
+"""
+
+
+def render(outcomes: dict[str, str]) -> str:
+    lines = [row(case, outcomes[case.id]) for case in CATALOGUE]
+    return HEADER + "\n".join(lines) + f"\n\n{len(CATALOGUE)} cases.\n"
+
+
+def documented_rows() -> dict[str, str]:
+    if not DOC.exists():
+        return {}
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| case"):
+            rows[line.split(" | ")[0].removeprefix("| ")] = line
+    return rows
+
+
+def test_catalogue_is_documented() -> None:
+    ids = [case.id for case in CATALOGUE]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40
+    assert list(documented_rows()) == ids, "regenerate: .venv/bin/python tests/test_bad_inputs.py"
+
+
+@pytest.fixture(scope="module")
+def documented() -> dict[str, str]:
+    return documented_rows()
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
+def test_bad_input(case: Bad, tmp_path: Path, documented: dict[str, str]) -> None:
+    outcome = run_case(case, tmp_path)
+    error = outcome.error
+    assert isinstance(error, case.error), "".join(traceback.format_exception(error))
+    assert re.search(case.match, outcome.message), outcome.message
+    if isinstance(error, CliError):
+        assert error.status == 2
+    else:
+        origin = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
+        assert any(origin.is_relative_to(d) for d in OURS), f"raised in {origin}"
+    before, after = outcome.before, outcome.after
+    if case.loads_checkpoint is not None:  # Lightning restored the checkpoint's weights first
+        saved = torch.load(tmp_path / case.loads_checkpoint, weights_only=False)["state_dict"]
+        model = {k: v for k, v in after.items() if k.startswith("model.")}
+        expected = Ctx(tmp_path, tmp_path, TinyNet())
+        expected.model.load_state_dict(saved)
+        assert model == {k: v for k, v in expected.snapshot().items() if k.startswith("model.")}
+        before = {k: v for k, v in before.items() if not k.startswith("model.")}
+        after = {k: v for k, v in after.items() if not k.startswith("model.")}
+    assert after.keys() == before.keys(), sorted(after.keys() ^ before.keys())
+    changed = [k for k in before if before[k] != after[k]]
+    assert not changed, changed
+    assert documented.get(case.id) == row(case, outcome.message), (
+        "docs/bad-inputs.md is stale: regenerate with .venv/bin/python tests/test_bad_inputs.py"
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    messages = {}
+    for case in CATALOGUE:
+        with tempfile.TemporaryDirectory() as folder:
+            messages[case.id] = run_case(case, Path(folder)).message
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(render(messages))
+    print(f"wrote {DOC} ({len(CATALOGUE)} cases)")
+
+
+if __name__ == "__main__":
+    main()
