@@ -1,0 +1,142 @@
+"""Run prunekit's benchmark suite and write results.json, results.md and scaling.png.
+
+    .venv/bin/python benchmarks/run.py [--sizes 10M,50M,200M] [--big] [--quick] [--out DIR]
+
+Parts: ``global`` (global magnitude pruning of 10M-1B parameters: time, peak memory,
+correctness), ``steps`` (training-step overhead of attached masks), ``lightning`` (an
+epoch-like Lightning run with ModelPruning and prunekit's callback). Progress goes to
+stderr, one line per measurement; the markdown report is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import prunekit and benchmarks from this tree
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import global_prune, report
+from benchmarks._common import ROOT, cpu_busy_elsewhere, log, machine_info, quiet_wait
+
+PARTS = ("global", "steps", "lightning")
+DEFAULT_SIZES = "10M,50M,200M"
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="prunekit benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help=f"comma-separated model sizes for global pruning (default {DEFAULT_SIZES}; "
+        "10M with --quick)",
+    )
+    parser.add_argument("--big", action="store_true", help="add the 1B-parameter model")
+    parser.add_argument("--quick", action="store_true", help="10M only, fewer and shorter repeats")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="output folder"
+    )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per global-pruning subprocess"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared machine: before each measurement wait up to this long for other "
+        "processes to leave the CPUs idle (default 0: don't wait)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every part (default: torch's own default, the CPU count); "
+        "1 gives steadier figures on a shared machine",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts {unknown} unknown; choose from {list(PARTS)}")
+    args.parts = parts
+    sizes = args.sizes or ("10M" if args.quick else DEFAULT_SIZES)
+    args.sizes = [s.strip() for s in sizes.split(",") if s.strip()]
+    if args.big and not any(global_prune.parse_size(s) >= 10**9 for s in args.sizes):
+        args.sizes.append("1B")
+    for size in args.sizes:
+        try:
+            global_prune.parse_size(size)
+        except ValueError as error:
+            parser.error(str(error))
+    args.sizes.sort(key=global_prune.parse_size)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the chosen parts; write and print the report."""
+    args = _arguments(argv)
+    quiet_wait["seconds"] = args.quiet_wait
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads={args.threads} must be >= 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the subprocesses inherit it
+        import torch
+
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    info = machine_info()
+    info["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
+    log(
+        f"machine: {info['cpu_count']} CPUs, torch {info['torch']} ({info['torch_threads']} "
+        f"threads), load {info['load_average_at_start']}"
+    )
+    if info["cpu_busy_elsewhere_at_start"] > 0.1:
+        log(
+            f"warning: {info['cpu_busy_elsewhere_at_start']:.0%} of the CPUs are busy with other "
+            "processes; timings will be noisy"
+        )
+    results: dict[str, Any] = {"machine": info, "args": {"sizes": args.sizes, "quick": args.quick}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "global" in args.parts:
+        results["global"] = global_prune.run(
+            args.sizes, quick=args.quick, timeout=args.timeout, seed=args.seed
+        )
+        if report.plot(results["global"], args.out / "scaling.png"):
+            results["plot"] = "scaling.png"
+    if "steps" in args.parts:
+        from benchmarks import step_overhead
+
+        results["steps"] = step_overhead.run(quick=args.quick, seed=args.seed)
+    if "lightning" in args.parts:
+        from benchmarks import lightning_epoch
+
+        results["lightning"] = lightning_epoch.run(quick=args.quick, seed=args.seed)
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["cpu_busy_elsewhere_at_end"] = round(cpu_busy_elsewhere(), 2)
+    info["suite_seconds"] = time.perf_counter() - started
+    results["targets"] = report.targets(results)
+    text = report.markdown(results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(text + "\n")
+    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
