@@ -1,7 +1,7 @@
 """Global magnitude pruning to 90 % of large stacks of ``nn.Linear`` layers.
 
-Three methods, each measured in a fresh subprocess per (method, size, repeat) so that
-peak memory cannot leak from one measurement into the next:
+Three methods, each measured in a freshly spawned interpreter per (method, size, repeat),
+so that peak memory cannot leak from one measurement into the next:
 
 ``prunekit``
     ``Pruner(model, scope="global")`` (allocates the bool masks), then ``prune_to(0.9)``.
@@ -27,16 +27,16 @@ import gc
 import hashlib
 import json
 import math
+import multiprocessing
 import re
-import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from typing import Any
 
 from benchmarks import _memory
 from benchmarks._common import (
-    ROOT,
     available_memory_bytes,
     log,
     median,
@@ -226,20 +226,45 @@ def worker(method: str, width: int, layers: int, seed: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-def _spawn(method: str, width: int, layers: int, seed: int, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.global_prune", method, str(width), str(layers)]
+def _child(conn: Connection, method: str, width: int, layers: int, seed: int) -> None:
+    """Entry point of a fresh (spawned) interpreter: one measurement, sent back."""
     try:
-        proc = subprocess.run(
-            [*command, str(seed)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
-        if proc.returncode in (-9, 137) or "memory" in tail[0].lower():
-            return {"error": f"out of memory (exit {proc.returncode})"}
-        return {"error": f"failed (exit {proc.returncode}): {tail[0][:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        conn.send(worker(method, width, layers, seed))
+    except MemoryError as error:
+        conn.send({"error": f"out of memory ({error})"})
+    except RuntimeError as error:
+        kind = "out of memory" if "memory" in str(error).lower() else "failed"
+        conn.send({"error": f"{kind}: {str(error)[:200]}"})
+    finally:
+        conn.close()
+
+
+def _spawn(method: str, width: int, layers: int, seed: int, timeout: float) -> dict[str, Any]:
+    """Run :func:`worker` in a freshly spawned interpreter, so no peak leaks between runs."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, method, width, layers, seed))
+    process.start()
+    send.close()
+    result: dict[str, Any] | None = None
+    try:
+        if receive.poll(timeout):
+            result = receive.recv()
+        else:
+            result = {"error": f"timeout after {timeout:.0f} s"}
+    except EOFError:  # the process died without a word (its exit code tells why)
+        process.join(30)
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receive.close()
+    if result is None:
+        code = process.exitcode
+        if code in (-9, 137):
+            return {"error": f"out of memory (killed, exit {code})"}
+        return {"error": f"failed (exit {code})"}
+    return result
 
 
 def _repeats(params: int, quick: bool) -> int:
@@ -326,7 +351,13 @@ def run(
     sizes: list[str], *, quick: bool = False, timeout: float = 300.0, seed: int = 0
 ) -> list[dict[str, Any]]:
     """All sizes, methods alternated within each repeat; medians and checks per size."""
-    results = []
+    return list(measure(sizes, quick=quick, timeout=timeout, seed=seed))
+
+
+def measure(
+    sizes: list[str], *, quick: bool = False, timeout: float = 300.0, seed: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Like :func:`run`, handing out each size's entry as soon as it is complete."""
     measured: dict[str, float] = {}  # method -> largest peak extra bytes/param seen
     for size in sizes:
         params_wanted = parse_size(size)
@@ -352,16 +383,13 @@ def run(
         for method, summary in methods.items():
             if "peak_extra_per_param" in summary:
                 measured[method] = max(measured.get(method, 0.0), summary["peak_extra_per_param"])
-        results.append(
-            {
-                "size": size,
-                "params": params,
-                "layout": f"{layers} x Linear({width}, {width}, bias=False)",
-                "methods": methods,
-                "correctness": _correctness(params, methods),
-            }
-        )
-    return results
+        yield {
+            "size": size,
+            "params": params,
+            "layout": f"{layers} x Linear({width}, {width}, bias=False)",
+            "methods": methods,
+            "correctness": _correctness(params, methods),
+        }
 
 
 def _describe(result: dict[str, Any]) -> str:

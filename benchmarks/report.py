@@ -355,7 +355,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(results: dict[str, Any]) -> str:
     """The whole report."""
-    lines = ["# prunekit benchmarks", "", *_machine(results["machine"]), ""]
+    lines = ["# prunekit benchmarks", ""]
+    if results.get("interrupted"):
+        lines += [f"**Incomplete: {results['interrupted']}.**", ""]
+    for part, command in results.get("merged", {}).items():
+        lines += [f"Part {part!r} comes from an earlier run: `{command}`.", ""]
+    lines += [*_machine(results["machine"]), ""]
     if results.get("global"):
         lines += [*_global(results["global"]), ""]
     if results.get("steps"):

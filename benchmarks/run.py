@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ DEFAULT_SIZES = "10M,50M,200M"
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="prunekit benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--sizes",
@@ -66,6 +67,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="torch threads for every part (default: torch's own default, the CPU count); "
         "1 gives steadier figures on a shared machine",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the parts of an existing OUT/results.json that this run does not repeat",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -112,30 +118,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     results: dict[str, Any] = {"machine": info, "args": {"sizes": args.sizes, "quick": args.quick}}
     args.out.mkdir(parents=True, exist_ok=True)
-    if "global" in args.parts:
-        results["global"] = global_prune.run(
+    if args.merge:
+        _merge(results, args.out / "results.json", args.parts, args.sizes)
+    signal.signal(signal.SIGTERM, _terminate)
+    status, part = 0, ""
+    try:
+        for part in args.parts:
+            _run_part(part, results, args, started)
+            _write(results, args.out, started)  # partial results survive a later failure
+    except (_Terminated, KeyboardInterrupt) as stop:
+        status = 143 if isinstance(stop, _Terminated) else 130
+        results["interrupted"] = f"stopped by a signal during the {part!r} part"
+        log(results["interrupted"])
+    text = _write(results, args.out, started)
+    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
+    print(text)
+    if status:
+        sys.exit(status)
+    return results
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop measuring, write what there is."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _run_part(part: str, results: dict[str, Any], args: argparse.Namespace, started: float) -> None:
+    if part == "global":
+        entries = results.setdefault("global", [])
+        for entry in global_prune.measure(
             args.sizes, quick=args.quick, timeout=args.timeout, seed=args.seed
-        )
-        if report.plot(results["global"], args.out / "scaling.png"):
-            results["plot"] = "scaling.png"
-    if "steps" in args.parts:
+        ):
+            entries.append(entry)
+            entries.sort(key=lambda e: e["params"])
+            if report.plot(entries, args.out / "scaling.png"):
+                results["plot"] = "scaling.png"
+            _write(results, args.out, started)  # each finished size survives a later failure
+    elif part == "steps":
         from benchmarks import step_overhead
 
         results["steps"] = step_overhead.run(quick=args.quick, seed=args.seed)
-    if "lightning" in args.parts:
+    elif part == "lightning":
         from benchmarks import lightning_epoch
 
         results["lightning"] = lightning_epoch.run(quick=args.quick, seed=args.seed)
+
+
+def _merge(results: dict[str, Any], path: Path, running: list[str], sizes: list[str]) -> None:
+    """Keep what an earlier results.json holds and this run does not repeat: whole parts,
+    and for the global part the sizes not measured again."""
+    if not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    merged = dict(earlier.get("merged", {}))
+    for part in PARTS:
+        if part in earlier and part not in running:
+            results[part] = earlier[part]
+            merged.setdefault(part, earlier["machine"].get("command", "?"))
+        elif part in running:
+            merged.pop(part, None)
+    if "global" in running and earlier.get("global"):
+        again = {global_prune.parse_size(s) for s in sizes}
+        kept = [e for e in earlier["global"] if global_prune.parse_size(e["size"]) not in again]
+        if kept:
+            results["global"] = kept
+            merged["global (sizes " + ", ".join(e["size"] for e in kept) + ")"] = earlier[
+                "machine"
+            ].get("command", "?")
+    if merged:
+        results["merged"] = merged
+
+
+def _write(results: dict[str, Any], out: Path, started: float) -> str:
+    info = results["machine"]
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    info["cpu_busy_elsewhere_at_end"] = round(cpu_busy_elsewhere(), 2)
+    info["cpu_busy_elsewhere_at_end"] = round(cpu_busy_elsewhere(0.2), 2)
     info["suite_seconds"] = time.perf_counter() - started
     results["targets"] = report.targets(results)
     text = report.markdown(results)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(text + "\n")
-    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}")
-    print(text)
-    return results
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":
