@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,6 @@ def idx_bytes(type_code: int, shape: tuple[int, ...], payload: bytes) -> bytes:
 def write(path: Path, content: bytes, gzipped: bool = False) -> Path:
     path.write_bytes(gzip.compress(content) if gzipped else content)
     return path
-
-
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """Trainer runs on the shared 2-core machine are ~10x faster with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- read_idx ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +73,6 @@ def write_fake_fashion_mnist(root: Path, n_train: int = 700, n_test: int = 100) 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("fashion"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Trainer runs on the shared 2-core machine are ~10x faster with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(data_root: Path, out_dir: Path, *overrides: str) -> DictConfig:

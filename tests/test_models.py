@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 
 import lightning as L
 import pytest
@@ -16,15 +15,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ALL_MODELS = ["conv2", "conv4", "conv6", "lenet5", "lenet_300_100", "resnet20"]
-
-
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    """Trainer runs on the shared 2-core machine are ~10x faster with one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Parameter counts from layer shapes alone (independent of the model code).
