@@ -270,7 +270,7 @@ def _spawn(method: str, width: int, layers: int, seed: int, timeout: float) -> d
 def _repeats(params: int, quick: bool) -> int:
     if quick:
         return 2
-    return 5 if params <= 20_000_000 else 3 if params <= 300_000_000 else 2
+    return 3 if params <= 300_000_000 else 2
 
 
 def _method_repeats(method: str, params: int, repeats: int) -> int:

@@ -101,13 +101,15 @@ def _sparsity(module: nn.Module) -> float:
     return zeros / sum(w.numel() for w in weights)
 
 
-def _fit(callback: Callable[[nn.Module], Any] | None, data: DataLoader, seed: int) -> dict:
+def _fit(
+    callback: Callable[[nn.Module], Any] | None, data: DataLoader, seed: int, steps: int = STEPS
+) -> dict:
     import lightning.pytorch as pl
 
     torch.manual_seed(seed)
     module = _module_class()()
     trainer = pl.Trainer(
-        max_steps=STEPS,
+        max_steps=steps,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -146,7 +148,8 @@ def run(*, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "prunekit": None if unavailable else _prunekit_callback,
     }
     variants = [v for v in VARIANTS if v != "prunekit" or not unavailable]
-    _fit(None, data, seed)  # warm-up: first-fit costs are nobody's overhead
+    # One short untimed fit first: one-time initialisation is no variant's overhead.
+    _fit(None, data, seed, steps=BATCHES_PER_EPOCH)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     rounds = 2 if quick else 3
     for r in range(rounds):

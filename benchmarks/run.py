@@ -73,6 +73,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the parts of an existing OUT/results.json that this run does not repeat",
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rewrite results.md and scaling.png from OUT/results.json",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -96,6 +101,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen parts; write and print the report."""
     args = _arguments(argv)
+    if args.render:
+        return _render(args.out)
     quiet_wait["seconds"] = args.quiet_wait
     if args.threads is not None:
         if args.threads < 1:
@@ -190,6 +197,18 @@ def _merge(results: dict[str, Any], path: Path, running: list[str], sizes: list[
             ].get("command", "?")
     if merged:
         results["merged"] = merged
+
+
+def _render(out: Path) -> dict[str, Any]:
+    results = json.loads((out / "results.json").read_text())
+    if results.get("global") and report.plot(results["global"], out / "scaling.png"):
+        results["plot"] = "scaling.png"
+    results["targets"] = report.targets(results)
+    text = report.markdown(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    return results
 
 
 def _write(results: dict[str, Any], out: Path, started: float) -> str:

@@ -106,7 +106,7 @@ CASES = (
         conv4,
         (128, 1, 28, 28),
         lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-        75.0,
+        60.0,
     ),
     Case(
         "transformer",
@@ -201,7 +201,7 @@ def run_case(
     runners = {v: _make(v, case, initial, names) for v in VARIANTS}
     for runner in runners.values():  # warm up allocator, kernels, optimizer state
         _step(runner, x, y)
-    probe = median([_step(runners["dense"], x, y) for _ in range(2)]) or 1e-3
+    probe = median([_step(runners["dense"], x, y) for _ in range(min_steps - 1)]) or 1e-3
     budget = case.budget_s * budget_scale
     steps = int(min(200, max(min_steps, budget / (rounds * len(VARIANTS) * probe))))
     rewarm = probe < 0.25  # small models: one untimed step after the other variants ran
