@@ -306,4 +306,16 @@ def prune_(t: Tensor, method: str, amount: float | int | None = None, **kwargs: 
     """
     mask = _mask_for(t, method, amount, **kwargs)
     with torch.no_grad():
-        return t.mul_(mask)
+        return zero_pruned_(t, mask)
+
+
+def zero_pruned_(t: Tensor, mask: Tensor) -> Tensor:
+    """Set ``t`` to exactly 0 where ``mask`` is False, in place, allocating nothing.
+
+    (``t.mul_(mask)`` would first copy the bool mask into ``t``'s dtype, and would keep
+    NaN and inf where they are pruned.)
+
+    >>> zero_pruned_(torch.tensor([1.0, float("nan")]), torch.tensor([True, False]))
+    tensor([1., 0.])
+    """
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device), out=t)

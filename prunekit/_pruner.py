@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from prunekit._masks import UNSTRUCTURED, get_method
+from prunekit._masks import UNSTRUCTURED, get_method, zero_pruned_
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._select import KeySource, MagnitudeKeys, RandomKeys, ScoreKeys, prune_lowest
 from prunekit._state import pack_mask, unpack_mask
@@ -54,10 +54,20 @@ class _Target:
 
 
 @dataclass
+class _Selection:
+    """Prune the ``k`` lowest-keyed of the still kept entries (``kept`` per name) of ``names``."""
+
+    names: list[str]
+    k: int
+    source: KeySource
+    kept: list[int]
+
+
+@dataclass
 class _Plan:
     """What one prune_to call will do, fully validated before anything changes."""
 
-    selections: list[tuple[list[str], int, KeySource]] = field(default_factory=list)
+    selections: list[_Selection] = field(default_factory=list)
     masks: dict[str, Tensor] = field(default_factory=dict)  # new masks of structured targets
 
 
@@ -80,8 +90,9 @@ def _method_options(method: str, options: Mapping[str, Any], where: str) -> dict
 class Pruner:
     """Prunes chosen parameters of a model and keeps them pruned while it trains.
 
-    Masks are ``torch.bool`` tensors (True = kept) keyed by parameter name; weights are
-    multiplied by them in place. After :meth:`attach`, gradients of pruned entries are
+    Masks (``pruner.masks``) are ``torch.bool`` tensors (True = kept) keyed by parameter
+    name; weights are zeroed where they are False, in place. Change masks only through
+    :meth:`prune_to`, :meth:`set_masks` or :meth:`load_state_dict`. After :meth:`attach`, gradients of pruned entries are
     zeroed as they are accumulated and the weights are re-masked after every optimizer
     step, so a plain PyTorch loop keeps them at zero. The forward pass and the model's
     ``state_dict`` keys are untouched.
@@ -140,6 +151,9 @@ class Pruner:
             name: torch.ones_like(t.param, dtype=torch.bool) for name, t in self._targets.items()
         }
         self.updates = 0
+        # While attached: each pruned target's mask in its weight's dtype (None = all kept),
+        # so that the per-step masking is a plain multiply (see attach).
+        self._multipliers: dict[str, Tensor | None] | None = None
         self._grad_hooks: list[RemovableHandle] = []
         self._optimizers: list[tuple[torch.optim.Optimizer, RemovableHandle, list[str]]] = []
         self._removed = False
@@ -267,11 +281,10 @@ class Pruner:
         """
         self._check_live()
         plan = self._plan(sparsity, dict(scores or {}))
-        for names, k, source in plan.selections:
-            prune_lowest(source, [self.masks[n] for n in names], k, names)
+        for sel in plan.selections:
+            prune_lowest(sel.source, [self.masks[n] for n in sel.names], sel.k, sel.names, sel.kept)
         self.masks.update(plan.masks)
-        self.apply_masks()
-        self._clear_optimizer_state()
+        self._masks_changed()
         self.updates += 1
 
     def _plan(self, sparsity: Any, scores: dict[str, Tensor]) -> _Plan:
@@ -320,10 +333,11 @@ class Pruner:
         amount: float | int,
         scores: dict[str, Tensor],
         generator: torch.Generator,
-    ) -> tuple[list[str], int, KeySource]:
+    ) -> _Selection:
         total = sum(self.masks[n].numel() for n in names)
         target_count = amount_to_count(amount, total, name="sparsity")
-        already = total - sum(int(self.masks[n].count_nonzero()) for n in names)
+        kept = [int(self.masks[n].count_nonzero()) for n in names]
+        already = total - sum(kept)
         what = names[0] if len(names) == 1 else f"the {len(names)} globally ranked targets"
         if target_count < already:
             raise ValueError(
@@ -350,7 +364,7 @@ class Pruner:
             for n in names if len(names) == 1 else ():
                 check_finite(self._targets[n].param, n)
             source = MagnitudeKeys([self._targets[n].param for n in names])
-        return names, target_count - already, source
+        return _Selection(names, target_count - already, source, kept)
 
     def _structured(
         self, target: _Target, amount: float | int, score: Tensor | None, generator: torch.Generator
@@ -392,14 +406,25 @@ class Pruner:
                 )
         for name, mask in masks.items():
             self.masks[name] &= mask.to(self.masks[name].device)
-        self.apply_masks()
-        self._clear_optimizer_state()
+        self._masks_changed()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Multiply every target weight by its mask in place (e.g. after rewinding weights)."""
+        """Zero every target weight where its mask is False, in place (e.g. after rewinding)."""
         for name, target in self._targets.items():
-            target.param.mul_(self.masks[name])
+            zero_pruned_(target.param, self.masks[name])
+
+    def _masks_changed(self) -> None:
+        self.apply_masks()
+        self._clear_optimizer_state()
+        if self._multipliers is not None:
+            self._multipliers = self._make_multipliers()
+
+    def _make_multipliers(self) -> dict[str, Tensor | None]:
+        return {
+            name: None if bool(mask.all()) else mask.to(self._targets[name].param.dtype)
+            for name, mask in self.masks.items()
+        }
 
     def sparsity(self) -> SparsityReport:
         """Pruned counts per target and overall (prints as a table)."""
@@ -411,12 +436,26 @@ class Pruner:
         )
 
     # ------------------------------------------------------------- training
-    def attach(self, optimizer: torch.optim.Optimizer) -> Pruner:
+    def attach(self, optimizer: torch.optim.Optimizer, *, cache_masks: bool = True) -> Pruner:
         """Keep pruned weights at zero through ``optimizer``'s steps.
 
         Gradients of pruned entries are zeroed when accumulated (before clipping and the
         step), weights are re-masked after each step, and optimizer state (momentum, Adam
-        moments) of pruned entries is cleared whenever masks change.
+        moments) of pruned entries is cleared whenever masks change. Targets with nothing
+        pruned cost nothing per step.
+
+        With ``cache_masks`` (the default), each pruned target's mask is also kept in the
+        weight's dtype while attached (4 bytes per weight for float32, refreshed only when
+        masks change), because multiplying by it is about 20x faster on CPU than zeroing
+        through a bool mask; ``cache_masks=False`` keeps only the bool masks.
+
+        >>> model = nn.Linear(4, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pruner = Pruner(model).attach(optimizer)
+        >>> pruner.prune_to(0.5)
+        >>> model(torch.randn(3, 4)).sum().backward(); optimizer.step()
+        >>> int((model.weight == 0).sum())
+        4
         """
         self._check_live()
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -425,6 +464,8 @@ class Pruner:
             )
         if any(opt is optimizer for opt, _, _ in self._optimizers):
             return self
+        if cache_masks and self._multipliers is None:
+            self._multipliers = self._make_multipliers()
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = [n for n, t in self._targets.items() if id(t.param) in held]
         if not names:
@@ -442,7 +483,7 @@ class Pruner:
     def _grad_hook(self, name: str) -> Any:
         def mask_grad(param: Tensor) -> None:
             if param.grad is not None:
-                param.grad.mul_(self.masks[name])
+                self._zero_pruned(name, param.grad)
 
         return mask_grad
 
@@ -452,9 +493,15 @@ class Pruner:
         @torch.no_grad()
         def remask(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             for param, name in params:
-                param.mul_(self.masks[name])
+                self._zero_pruned(name, param)
 
         return remask
+
+    def _zero_pruned(self, name: str, t: Tensor) -> None:
+        if self._multipliers is None:
+            zero_pruned_(t, self.masks[name])
+        elif (multiplier := self._multipliers[name]) is not None:
+            t.mul_(multiplier)
 
     @torch.no_grad()
     def _clear_optimizer_state(self) -> None:
@@ -463,7 +510,7 @@ class Pruner:
                 param, mask = self._targets[name].param, self.masks[name]
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == mask.shape:
-                        value.mul_(mask)
+                        zero_pruned_(value, mask)
 
     def remove(self) -> None:
         """Detach every hook; the model keeps its zeros as plain weights (pruning made permanent)."""
@@ -471,6 +518,7 @@ class Pruner:
         for handle in self._grad_hooks + [h for _, h, _ in self._optimizers]:
             handle.remove()
         self._grad_hooks, self._optimizers = [], []
+        self._multipliers = None
         self._removed = True
 
     def _check_live(self) -> None:
@@ -518,8 +566,7 @@ class Pruner:
             )
         self.masks.update(restored)
         self.updates = int(state.get("updates", 0))
-        self.apply_masks()
-        self._clear_optimizer_state()
+        self._masks_changed()
 
     def __repr__(self) -> str:
         return (

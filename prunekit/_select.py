@@ -2,16 +2,21 @@
 
 The scores of every tensor are turned, chunk by chunk, into int32 keys whose integer
 order is the scores' order (the IEEE-754 bit pattern, with negative floats flipped).
-A radix selection then finds the exact k-th key in three streaming passes:
+A radix selection then finds the k lowest keys in two streaming passes:
 
-1. a histogram of the high 16 bits of every still-kept key, giving the bucket of the k-th;
-2. a histogram of the low 16 bits inside that bucket, giving the exact threshold key T
-   and how many entries equal to T must go (ties);
-3. masks are cleared where key < T, plus the first tied entries in a fixed order
-   (tensor order, then flat index), so the count is exact and deterministic.
+1. a histogram of the high 16 bits of every still-kept key gives the bucket that holds
+   the k-th lowest key, and how many of the bucket's entries must go;
+2. masks are cleared where the key is below that bucket, and the bucket's own entries
+   (a small fraction of the whole) are gathered; a stable sort of them picks the exact
+   ones to clear. Ties go in a fixed order (tensor order, then flat index), so the count
+   is exact and deterministic.
 
-Nothing is concatenated: the temporaries are a few chunk-sized buffers, so the extra
-memory is the masks plus a few megabytes, whatever the model's size.
+When the bucket is too crowded to gather (many equal scores), pass 2 histograms the low
+16 bits inside it instead, and a third pass clears up to the exact threshold key.
+
+Nothing is concatenated: the temporaries are a few chunk-sized buffers plus the gathered
+bucket (at most 1/256 of the entries), so the extra memory is the masks plus a few
+megabytes, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -84,14 +89,26 @@ def _chunks(n: int):
         yield start, min(start + CHUNK, n)
 
 
-def prune_lowest(source: KeySource, masks: Sequence[Tensor], k: int, names: Sequence[str]) -> None:
+def _any(flags: Tensor) -> bool:
+    return bool(flags.view(torch.uint8).max())  # much faster than Tensor.any() on CPU
+
+
+def prune_lowest(
+    source: KeySource,
+    masks: Sequence[Tensor],
+    k: int,
+    names: Sequence[str],
+    kept: Sequence[int] | None = None,
+) -> None:
     """Clear, in place, the ``k`` lowest-keyed entries still True in ``masks``.
 
-    ``masks`` are contiguous bool tensors, one per tensor of ``source``. Raises
-    ``ValueError`` naming the tensor if a score is NaN or inf, before any mask changes.
+    ``masks`` are contiguous bool tensors, one per tensor of ``source``; ``kept`` their
+    True counts if the caller knows them. Raises ``ValueError`` naming the tensor if a
+    score is NaN or inf, before any mask changes.
     """
     flat_masks = [m.view(-1) for m in masks]
-    kept = [int(m.count_nonzero()) for m in flat_masks]
+    if kept is None:
+        kept = [int(m.count_nonzero()) for m in flat_masks]
     if not 0 <= k <= sum(kept):
         raise ValueError(f"cannot prune {k} entries: only {sum(kept)} are still kept")
     if k == 0:
@@ -100,57 +117,79 @@ def prune_lowest(source: KeySource, masks: Sequence[Tensor], k: int, names: Sequ
     size = min(CHUNK, max(m.numel() for m in flat_masks))
     buf = torch.empty(size, dtype=torch.float32)
     tmp = torch.empty(size, dtype=torch.int32)
-    hi = torch.empty(size, dtype=torch.int32)
     flags = torch.empty(size, dtype=torch.bool)
+    flags2 = torch.empty(size, dtype=torch.bool)
+    excluded = torch.tensor(_EXCLUDED, dtype=torch.int32)
 
-    def high_half(i: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        key = source.keys(i, start, stop, buf, tmp)
-        h = torch.bitwise_right_shift(key, 16, out=hi[: stop - start]).add_(_HI_BINS // 2)
-        if partial[i]:
-            pruned = torch.logical_not(flat_masks[i][start:stop], out=flags[: stop - start])
-            h.masked_fill_(pruned, _EXCLUDED)
-        return key, h
+    def chunks():
+        source.restart()
+        for i, m in enumerate(flat_masks):
+            for start, stop in _chunks(m.numel()):
+                yield i, start, stop, source.keys(i, start, stop, buf, tmp), m[start:stop]
 
     # Pass 1: which high-half bucket holds the k-th lowest key.
-    source.restart()
     counts = torch.zeros(_HI_BINS + 1, dtype=torch.int64)
-    for i, m in enumerate(flat_masks):
-        for start, stop in _chunks(m.numel()):
-            counts += torch.bincount(high_half(i, start, stop)[1], minlength=_HI_BINS + 1)
-        nonfinite = (
-            counts[: _HI_BINS // 2 - _NONFINITE_HI].sum()
-            + counts[_HI_BINS // 2 + _NONFINITE_HI : _HI_BINS].sum()
-        )
-        if nonfinite:
-            raise ValueError(f"{names[i]} holds NaN or inf values; refusing to prune it")
+    last = 0
+    for i, start, stop, key, part in chunks():
+        if i != last:
+            _check_finite(counts, names[last])
+            last = i
+        h = torch.bitwise_right_shift(key, 16, out=tmp[: stop - start]).add_(_HI_BINS // 2)
+        if partial[i]:
+            torch.where(part, h, excluded, out=h)
+        counts += torch.bincount(h, minlength=_HI_BINS + 1)
+    _check_finite(counts, names[last])
     cumulative = counts[:_HI_BINS].cumsum(0)
     bucket = int(torch.searchsorted(cumulative, k))
     need = k - (int(cumulative[bucket - 1]) if bucket else 0)
+    low_key = (bucket - _HI_BINS // 2) * _HI_BINS  # the bucket's keys: [low_key, low_key + 2**16)
+    gather = int(counts[bucket]) <= max(1 << 16, sum(m.numel() for m in flat_masks) >> 8)
 
-    # Pass 2: the exact threshold key inside that bucket, and how many ties go.
-    source.restart()
+    # Pass 2: clear keys below the bucket; gather the bucket (or histogram its low half).
+    gathered: list[tuple[int, Tensor, Tensor]] = []
     low_counts = torch.zeros(_HI_BINS, dtype=torch.int64)
-    for i, m in enumerate(flat_masks):
-        for start, stop in _chunks(m.numel()):
-            key, h = high_half(i, start, stop)
-            inside = torch.eq(h, bucket, out=flags[: stop - start])
-            if inside.any():
-                low = key[inside].bitwise_and_(0xFFFF)
-                low_counts += torch.bincount(low, minlength=_HI_BINS)
+    for i, start, stop, key, part in chunks():
+        part.logical_and_(torch.ge(key, low_key, out=flags[: stop - start]))
+        inside = torch.lt(key, low_key + _HI_BINS, out=flags2[: stop - start]).logical_and_(part)
+        if not _any(inside):
+            continue
+        where = inside.nonzero().view(-1)
+        if gather:
+            gathered.append((i, where + start, key[where]))
+        else:
+            low_counts += torch.bincount(key[where] - low_key, minlength=_HI_BINS)
+
+    if gather:
+        # The `need` lowest of the bucket; a stable sort keeps ties in gathered order,
+        # which is tensor order, then flat index. Sorting the picks restores that order.
+        keys = torch.cat([g[2] for g in gathered])
+        picked = torch.sort(keys, stable=True).indices[:need].sort().values
+        owner = torch.cat([torch.full_like(g[1], g[0]) for g in gathered])[picked]
+        where = torch.cat([g[1] for g in gathered])[picked]
+        per_mask = torch.bincount(owner, minlength=len(flat_masks)).tolist()
+        for m, drop in zip(flat_masks, where.split(per_mask), strict=True):
+            m[drop] = False
+        return
+
+    # Pass 3 (crowded bucket): the exact threshold key, then the first `ties` equal to it.
     low_cumulative = low_counts.cumsum(0)
     low = int(torch.searchsorted(low_cumulative, need))
     ties = need - (int(low_cumulative[low - 1]) if low else 0)
-    threshold = (bucket - _HI_BINS // 2) * _HI_BINS + low
+    threshold = low_key + low
+    for _, start, stop, key, part in chunks():
+        part.logical_and_(torch.ge(key, threshold, out=flags[: stop - start]))
+        if ties:
+            tied = torch.eq(key, threshold, out=flags[: stop - start]).logical_and_(part)
+            drop = tied.nonzero().view(-1)[:ties]
+            part[drop] = False
+            ties -= drop.numel()
 
-    # Pass 3: clear keys below the threshold, then the first `ties` entries equal to it.
-    source.restart()
-    for i, m in enumerate(flat_masks):
-        for start, stop in _chunks(m.numel()):
-            key = source.keys(i, start, stop, buf, tmp)
-            part = m[start:stop]
-            part.logical_and_(torch.ge(key, threshold, out=flags[: stop - start]))
-            if ties:
-                tied = torch.eq(key, threshold, out=flags[: stop - start]).logical_and_(part)
-                drop = tied.nonzero().view(-1)[:ties]
-                part[drop] = False
-                ties -= drop.numel()
+
+def _check_finite(counts: Tensor, name: str) -> None:
+    """Keys at or above the high half of +inf (or below that of -inf) are inf or NaN."""
+    nonfinite = (
+        counts[: _HI_BINS // 2 - _NONFINITE_HI].sum()
+        + counts[_HI_BINS // 2 + _NONFINITE_HI : _HI_BINS].sum()
+    )
+    if nonfinite:
+        raise ValueError(f"{name} holds NaN or inf values; refusing to prune it")

@@ -39,7 +39,7 @@ SETTINGS = settings(
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 BIG = (CHUNK + 5,)  # one entry-list longer than a chunk
-BIG_2D = (1025, 1024)  # 2**20 + 1024 entries: the chunk boundary falls inside row 1024
+BIG_2D = (CHUNK // 1024 + 1, 1024)  # the first chunk boundary falls inside the last row
 
 
 @pytest.fixture(autouse=True)
@@ -50,16 +50,19 @@ def _one_thread() -> Iterator[None]:
 
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
 dtypes = st.sampled_from(sorted(DTYPES))
-kinds = st.sampled_from(["normal", "integers", "zeros-and-ones"])
+kinds = st.sampled_from(["normal", "integers", "zeros-and-ones", "spread-ties"])
 seeds = st.integers(0, 2**31 - 1)
 fractions = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4).map(sorted)
 
 
 def make(shape: tuple[int, ...], dtype: str, kind: str, seed: int) -> torch.Tensor:
-    """A tensor of ``shape``: normal values, or small integers (many ties), or 0s and 1s."""
+    """A tensor of ``shape``: normal values, small integers (huge ties), 0s and 1s, or
+    thousands of distinct values (ties spread over every chunk, but few per value)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "normal":
         t = torch.randn(shape, generator=g)
+    elif kind == "spread-ties":
+        t = torch.randint(-5000, 5000, shape, generator=g).float() / 7
     elif kind == "integers":
         t = torch.randint(-3, 4, shape, generator=g).float()
     else:
@@ -82,6 +85,7 @@ def reference_magnitude(t: torch.Tensor, k: int, previous: torch.Tensor) -> torc
 @SETTINGS
 @given(shape=shapes, dtype=dtypes, kind=kinds, seed=seeds, amounts=fractions)
 @example(shape=BIG, dtype="float32", kind="integers", seed=1, amounts=[0.3, 0.71])
+@example(shape=BIG_2D, dtype="float32", kind="spread-ties", seed=3, amounts=[0.4, 0.83])
 @example(shape=BIG_2D, dtype="bfloat16", kind="zeros-and-ones", seed=2, amounts=[0.5, 0.5, 0.9])
 def test_magnitude_exact_nested_and_equal_to_sorting(
     shape: tuple[int, ...], dtype: str, kind: str, seed: int, amounts: list[float]

@@ -153,16 +153,18 @@ def test_per_target_sparsity_mapping_and_fixed_override() -> None:
     assert pruner.sparsity().per_target()["4.weight"] == 0.5
 
 
-@pytest.mark.parametrize("make_optimizer", ["sgd", "adam", "adamw"])
-def test_pruned_weights_stay_zero_through_training(make_optimizer: str) -> None:
+@pytest.mark.parametrize("cache_masks", [True, False])
+@pytest.mark.parametrize("make_optimizer", ["sgd", "adam", "adam_fused", "adamw"])
+def test_pruned_weights_stay_zero_through_training(make_optimizer: str, cache_masks: bool) -> None:
     model = mlp()
     optimizers = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
         "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+        "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
         "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
     }
     optimizer = optimizers[make_optimizer](model.parameters())
-    pruner = Pruner(model).attach(optimizer)
+    pruner = Pruner(model).attach(optimizer, cache_masks=cache_masks)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
     for step in range(200):
