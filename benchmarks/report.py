@@ -227,7 +227,10 @@ def _steps(results: list[dict[str, Any]]) -> list[str]:
         "`MultiheadAttention`, an extra pre-hook recomputes `out_proj.weight`, which "
         "torch.prune's own hook never does: without it the second backward fails). "
         "*Zeros kept exact*: after all steps exactly round(0.9·N) of the targeted weights are "
-        "zero in both variants.",
+        "zero in both variants. PyTorch's default (foreach) Adam on CPU is markedly slower "
+        "when many gradients and moments are exactly zero (`sqrt(0)` is slow there), which "
+        "any pruning method pays, not the masking itself; the fused Adam row shows the "
+        "masking overhead without that effect.",
         "",
         *_table(header, rows),
     ]
@@ -346,7 +349,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "verdict": "not run",
             }
         )
-    limits = {"conv4": 1.03, "transformer": 1.03, "lenet": 1.05}
+    limits = {"conv4": 1.03, "transformer": 1.03, "lenet": 1.05, "lenet_fused": 1.05}
     for entry in results.get("steps", []):
         limit = limits.get(entry["model"])
         if limit is None:

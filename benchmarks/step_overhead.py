@@ -101,6 +101,14 @@ CASES = (
         40.0,
     ),
     Case(
+        "lenet_fused",
+        "LeNet-300-100, batch 60, Adam(fused=True)",
+        lenet,
+        (60, 1, 28, 28),
+        lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+        40.0,
+    ),
+    Case(
         "conv4",
         "Conv-4-like (64,64,128,128 conv + FC 256,256,10), 1x28x28, batch 128, SGD momentum",
         conv4,
