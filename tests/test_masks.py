@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -224,3 +225,67 @@ def test_bad_input(call, error: type[Exception], match: str) -> None:
 def test_registry_rejects_duplicates() -> None:
     with pytest.raises(ValueError, match="already registered"):
         prunekit.register_method("magnitude")(magnitude_mask)
+
+
+@pytest.fixture
+def four_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stable_sort_pruned(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the first k of a stable sort of the magnitudes (ties by position)."""
+    mask = torch.ones(magnitudes.numel(), dtype=torch.bool)
+    mask[torch.sort(magnitudes.flatten().double(), stable=True).indices[:k]] = False
+    return mask
+
+
+@pytest.mark.usefixtures("four_threads")
+def test_selection_split_between_threads_is_exact_and_thread_count_free() -> None:
+    # 3 tensors, 40 chunks in all: 4 threads get runs that end inside tensors. Values
+    # on a fine grid (about 5 entries per magnitude), so that the k-th magnitude's bucket
+    # is gathered, and k cuts a group of equal magnitudes spread over several runs.
+    g = torch.Generator().manual_seed(5)
+    sizes = (CHUNK * 13 + 7, CHUNK * 20, CHUNK * 7 - 3)
+    named = {
+        f"w{j}": torch.randint(-(2**21), 2**21, (n,), generator=g) / 2048.0
+        for j, n in enumerate(sizes)
+    }
+    magnitudes = torch.cat(list(named.values())).abs()
+    cut = magnitudes.kthvalue(round(0.62 * magnitudes.numel())).values
+    tied = torch.nonzero(magnitudes == cut).flatten()
+    assert tied.numel() >= 3 and tied[-1] - tied[0] > 10 * CHUNK
+    k = int((magnitudes < cut).sum()) + tied.numel() // 2
+    masks = global_magnitude_masks(named, k)
+    flat = torch.cat([~m for m in masks.values()])
+    expected = ~_stable_sort_pruned(magnitudes, k)
+    assert int(flat.sum()) == k
+    assert torch.equal(flat, expected)
+    torch.set_num_threads(1)
+    assert all(torch.equal(masks[n], m) for n, m in global_magnitude_masks(named, k).items())
+    # a crowded threshold bucket (one repeated value) takes the three-pass route
+    crowded = {"w": torch.full((CHUNK * 16 + 1,), 0.5)}
+    torch.set_num_threads(4)
+    assert torch.equal(
+        ~global_magnitude_masks(crowded, 1000)["w"], torch.arange(crowded["w"].numel()) < 1000
+    )
+
+
+@pytest.mark.usefixtures("four_threads")
+def test_random_masks_do_not_depend_on_the_thread_count() -> None:
+    t = torch.randn(CHUNK * 16 + 11)
+    threaded = random_mask(t, 0.7, generator=torch.Generator().manual_seed(3))
+    torch.set_num_threads(1)
+    single = random_mask(t, 0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(threaded, single)
+    assert int((~threaded).sum()) == round(0.7 * t.numel())
+
+
+@pytest.mark.usefixtures("four_threads")
+def test_nan_found_by_a_later_thread_names_its_tensor_and_changes_nothing() -> None:
+    named = {"a": torch.randn(CHUNK * 10), "b": torch.randn(CHUNK * 10)}
+    named["b"][-1] = float("nan")
+    with pytest.raises(ValueError, match="b holds NaN or inf"):
+        global_magnitude_masks(named, 0.5)
