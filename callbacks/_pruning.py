@@ -93,16 +93,20 @@ class Pruning(Callback):
         self._target = 0.0  # the sparsity the masks were last brought to
         self._pending_state: dict[str, Any] | None = None
         self._initial: dict[str, torch.Tensor] | None = None
+        self._state_key: str | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            unit=self.unit,
-            method=self.pruner_args["method"],
-            scope=self.pruner_args["scope"],
-            targets=repr(self.pruner_args["targets"]),
-        )
+        # Lightning reads it at every hook call (to name the profiler action): build it once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                unit=self.unit,
+                method=self.pruner_args["method"],
+                scope=self.pruner_args["scope"],
+                targets=repr(self.pruner_args["targets"]),
+            )
+        return self._state_key
 
     # --------------------------------------------------------------- hooks
     @override

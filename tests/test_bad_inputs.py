@@ -369,6 +369,7 @@ CATALOGUE: list[Bad] = [
     Bad("prune-to-scores-partial", "scores for one of the globally ranked targets", "Pruner.prune_to(scores=...)", V, r"scores must cover all of the 3 globally ranked targets or none", on_pruner(lambda p: p.prune_to(0.5, scores={"0.weight": torch.rand(6, 8)}))),
     Bad("set-masks-float", "a float custom mask", "Pruner.set_masks", V, r"masks\['0\.weight'\] must be a bool tensor of shape \(6, 8\)", on_pruner(lambda p: p.set_masks({"0.weight": torch.ones(6, 8)}))),
     Bad("attach-not-optimizer", "attach('sgd')", "Pruner.attach", Ty, r"optimizer must be a torch\.optim\.Optimizer, got str", on_pruner(lambda p: p.attach("sgd"))),
+    Bad("attach-cache-masks", "attach(optimizer, cache_masks='yes')", "Pruner.attach", Ty, r"cache_masks='yes' must be None, True or False", on_pruner(lambda p: p.attach(torch.optim.SGD(p.model.parameters(), lr=0.1), cache_masks="yes"))),
     Bad("attach-foreign-optimizer", "an optimizer over another model", "Pruner.attach", V, r"optimizer holds none of the pruned parameters", on_pruner(lambda p: p.attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)))),
     Bad("state-other-model", "a Pruner state_dict from another model", "Pruner.load_state_dict", V, r"state_dict belongs to another model or target set: missing \['4\.weight'\]", on_pruner(other_model_state)),
     Bad("state-not-a-state", "a dict without masks", "Pruner.load_state_dict", V, r"state is not a Pruner state_dict \(no 'masks' entry\)", on_pruner(lambda p: p.load_state_dict({"weights": {}}))),

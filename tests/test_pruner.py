@@ -153,9 +153,11 @@ def test_per_target_sparsity_mapping_and_fixed_override() -> None:
     assert pruner.sparsity().per_target()["4.weight"] == 0.5
 
 
-@pytest.mark.parametrize("cache_masks", [True, False])
+@pytest.mark.parametrize("cache_masks", [None, True, False])
 @pytest.mark.parametrize("make_optimizer", ["sgd", "adam", "adam_fused", "adamw"])
-def test_pruned_weights_stay_zero_through_training(make_optimizer: str, cache_masks: bool) -> None:
+def test_pruned_weights_stay_zero_through_training(
+    make_optimizer: str, cache_masks: bool | None
+) -> None:
     model = mlp()
     optimizers = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
@@ -165,11 +167,15 @@ def test_pruned_weights_stay_zero_through_training(make_optimizer: str, cache_ma
     }
     optimizer = optimizers[make_optimizer](model.parameters())
     pruner = Pruner(model).attach(optimizer, cache_masks=cache_masks)
+    # what the per-step hooks apply: a float copy of the masks on CPU unless told not to
+    dtype = torch.bool if cache_masks is False else torch.float32
+    assert all(m is None for m in pruner._step_masks.values())  # nothing pruned: no work
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
     for step in range(200):
         if step in (20, 80, 140):
             pruner.prune_to({20: 0.5, 80: 0.8, 140: 0.9}[step])
+            assert {m.dtype for m in pruner._step_masks.values()} == {dtype}
         for micro in range(2):  # gradient accumulation
             loss = nn.functional.cross_entropy(model(x[micro::2]), y[micro::2]) / 2
             loss.backward()
