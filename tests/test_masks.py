@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -225,14 +224,6 @@ def test_bad_input(call, error: type[Exception], match: str) -> None:
 def test_registry_rejects_duplicates() -> None:
     with pytest.raises(ValueError, match="already registered"):
         prunekit.register_method("magnitude")(magnitude_mask)
-
-
-@pytest.fixture
-def four_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(before)
 
 
 def _stable_sort_pruned(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
