@@ -110,3 +110,19 @@ def test_cli_reports_missing_data_and_unwritable_folder(
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # nothing half-written
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+SHIPPED = sorted(QUICK.parent.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_validates_and_matches_its_file_name(path: Path) -> None:
+    from prunekit.experiments.models import build_model
+
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(LotteryConfig if "rounds" in raw else GradualConfig, path)
+    assert cfg.name == path.stem.replace("_", "-")
+    model = build_model(cfg.model)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # Fashion-MNIST: 10 classes
+    if path.stem.startswith("gmp_"):  # gmp_<model>_<percent>.yaml ramps to that sparsity
+        assert cfg.pruning.schedule.final == int(path.stem.rsplit("_", 1)[1]) / 100
