@@ -156,11 +156,9 @@ def prune_lowest(
 
     # Pass 1: which high-half bucket holds the k-th lowest key.
     def histogram(run: list[_Chunk]) -> tuple[Tensor, set[int]]:
-        scratch, counts, nonfinite = (
-            _Scratch(size),
-            torch.zeros(_HI_BINS + 1, dtype=torch.int64),
-            set(),
-        )
+        scratch = _Scratch(size)
+        counts = torch.zeros(_HI_BINS + 1, dtype=torch.int64)
+        nonfinite: set[int] = set()  # tensors holding NaN or inf
         for i, start, stop in run:
             key = source.keys(i, start, stop, scratch.buf, scratch.tmp)
             h = torch.bitwise_right_shift(key, 16, out=scratch.tmp[: stop - start])
