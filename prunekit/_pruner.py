@@ -92,9 +92,9 @@ class Pruner:
 
     Masks (``pruner.masks``) are ``torch.bool`` tensors (True = kept) keyed by parameter
     name; weights are zeroed where they are False, in place. Change masks only through
-    :meth:`prune_to`, :meth:`set_masks` or :meth:`load_state_dict`. After :meth:`attach`, gradients of pruned entries are
-    zeroed as they are accumulated and the weights are re-masked after every optimizer
-    step, so a plain PyTorch loop keeps them at zero. The forward pass and the model's
+    :meth:`prune_to`, :meth:`set_masks` or :meth:`load_state_dict`. After :meth:`attach`,
+    gradients of pruned entries are zeroed as they are accumulated and the weights are
+    re-masked after every optimizer step, so a plain PyTorch loop keeps them at zero. The forward pass and the model's
     ``state_dict`` keys are untouched.
 
     Args:
@@ -428,7 +428,10 @@ class Pruner:
             cache = self._cache_masks
             if cache is None:
                 cache = param.device.type == "cpu"
-            step_masks[name] = None if bool(mask.all()) else mask.to(param.dtype) if cache else mask
+            if bool(mask.all()):
+                step_masks[name] = None  # nothing pruned: no work per step
+            else:
+                step_masks[name] = mask.to(param.dtype) if cache else mask
         return step_masks
 
     def sparsity(self) -> SparsityReport:
