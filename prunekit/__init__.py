@@ -6,6 +6,7 @@ live in ``prunekit.schedules``, ``prunekit.callbacks`` and ``prunekit.experiment
 """
 
 from prunekit._activations import ActivationPruning
+from prunekit._loop import SparsityScheduler
 from prunekit._masks import (
     get_method,
     global_magnitude_masks,
@@ -28,6 +29,7 @@ __all__ = [
     "ActivationPruning",
     "Pruner",
     "SparsityReport",
+    "SparsityScheduler",
     "TargetSparsity",
     "get_method",
     "global_magnitude_masks",
