@@ -1,0 +1,153 @@
+"""Sharded tensors (DTensor, as FSDP2 and tensor parallelism make them) for the engine.
+
+A rank holds one rectangular block of each sharded tensor (:class:`Layout`). Selection
+ranks the blocks of all ranks as one process would rank the full tensors: histograms
+and counts are summed across ranks (:meth:`Sharding.reduce`), weights never move.
+Tensors replicated over some mesh dimensions are counted once, by the ranks at
+coordinate 0 of those dimensions (:attr:`Sharding.owns`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+#: Bytes this process has sent to all-reduces of the engine (benchmarks read it).
+reduced_bytes = 0
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the entries a process holds sit in the full tensor: a block of shape
+    ``local`` starting at ``offset`` (per dim) inside a tensor of shape ``shape``."""
+
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    local: tuple[int, ...]
+
+    @staticmethod
+    def whole(shape: Sequence[int]) -> Layout:
+        return Layout(tuple(shape), (0,) * len(shape), tuple(shape))
+
+    @staticmethod
+    def of(t: Tensor) -> Layout:
+        if not isinstance(t, DTensor):
+            return Layout.whole(t.shape)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return Layout(tuple(t.shape), tuple(offset), tuple(shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def index(self, start: int, stop: int, device: torch.device) -> Tensor:
+        """Global flat indices (int64) of the local flat entries ``start:stop``."""
+        flat = torch.arange(start, stop, dtype=torch.int64, device=device)
+        strides = _strides(self.shape)
+        dims = len(self.shape)
+        partial = [d for d in range(dims) if self.local[d] != self.shape[d]]
+        if len(partial) <= 1 and all(self.local[d] == 1 for d in range(partial[0] if partial else 0)):
+            # one run of consecutive global entries (e.g. rows of a row-sharded matrix)
+            base = sum(o * st for o, st in zip(self.offset, strides, strict=True))
+            return flat.add_(base)
+        out = torch.zeros_like(flat)
+        for size, off, stride in reversed(list(zip(self.local, self.offset, strides, strict=True))):
+            out += (flat % size + off) * stride
+            flat = flat.div_(size, rounding_mode="floor")
+        return out
+
+    def block(self, full: Tensor) -> Tensor:
+        """This process's block of the full tensor ``full``."""
+        for d, (off, size) in enumerate(zip(self.offset, self.local, strict=True)):
+            full = full.narrow(d, off, size)
+        return full
+
+
+@dataclass
+class Sharding:
+    """How a list of tensors (some DTensors) is spread over the ranks."""
+
+    layouts: list[Layout]
+    owns: list[bool]  # whether this rank counts the tensor (one replica of each block does)
+    device: torch.device  # where the all-reduced histograms live
+
+    @staticmethod
+    def of(tensors: Sequence[Tensor]) -> Sharding | None:
+        """None unless some tensor is a DTensor."""
+        if not any(isinstance(t, DTensor) for t in tensors):
+            return None
+        if not dist.is_initialized():
+            raise RuntimeError("DTensor masks need an initialised torch.distributed process group")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        layouts, owns, device = [], [], None
+        for t in tensors:
+            if not isinstance(t, DTensor):
+                layouts.append(Layout.whole(t.shape))
+                owns.append(rank == 0)
+                continue
+            mesh = t.device_mesh
+            if mesh.size() != world:
+                raise NotImplementedError(
+                    f"a DTensor on a device mesh of {mesh.size()} ranks in a world of {world}: "
+                    "prunekit ranks sharded tensors over the whole world only"
+                )
+            for p in t.placements:
+                if type(p) not in (Shard, Replicate):
+                    raise NotImplementedError(
+                        f"DTensor placement {p} is not supported (only Shard(dim) and Replicate)"
+                    )
+            coordinate = mesh.get_coordinate() or [0] * mesh.ndim
+            owns.append(
+                all(c == 0 for c, p in zip(coordinate, t.placements, strict=True) if type(p) is Replicate)
+            )
+            layouts.append(Layout.of(t))
+            device = device or t.to_local().device
+        assert device is not None
+        return Sharding(layouts, owns, device)
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum of ``t`` over all ranks (every rank must call)."""
+        global reduced_bytes
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        reduced_bytes += t.numel() * t.element_size()
+        return t
+
+
+def full_mask(mask: Tensor) -> Tensor:
+    """The whole bool mask on the CPU (gathered from all ranks if it is a DTensor)."""
+    if isinstance(mask, DTensor):
+        return mask.full_tensor().cpu()
+    return mask.cpu()
+
+
+def like(full: Tensor, ref: Tensor) -> Tensor:
+    """``full`` (the whole tensor) placed as ``ref`` is: ``ref``'s block of it, as a DTensor
+    with ``ref``'s mesh and placements, when ``ref`` is a DTensor."""
+    if not isinstance(ref, DTensor):
+        return full.to(ref.device)
+    block = Layout.of(ref).block(full).to(ref.to_local().device).contiguous()
+    return DTensor.from_local(
+        block, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+    )
