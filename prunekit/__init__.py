@@ -6,6 +6,15 @@ live in ``prunekit.schedules``, ``prunekit.callbacks`` and ``prunekit.experiment
 """
 
 from prunekit._activations import ActivationPruning
+from prunekit._compact import (
+    CompactionReport,
+    ModelCost,
+    PrunedAttention,
+    compact,
+    compaction_report,
+    model_cost,
+)
+from prunekit._groups import DependencyGraph, Group, UnsupportedModelError
 from prunekit._loop import SparsityScheduler
 from prunekit._masks import (
     get_method,
@@ -27,15 +36,24 @@ from prunekit._state import pack_mask, unpack_mask
 __all__ = [
     "DEFAULT_MODULE_TYPES",
     "ActivationPruning",
+    "CompactionReport",
+    "DependencyGraph",
+    "Group",
+    "ModelCost",
+    "PrunedAttention",
     "Pruner",
     "SparsityReport",
     "SparsityScheduler",
     "TargetSparsity",
+    "UnsupportedModelError",
+    "compact",
+    "compaction_report",
     "get_method",
     "global_magnitude_masks",
     "list_methods",
     "ln_structured_mask",
     "magnitude_mask",
+    "model_cost",
     "nm_mask",
     "pack_mask",
     "prune",

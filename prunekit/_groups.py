@@ -1,0 +1,866 @@
+"""Dependency groups: which parameter slices must be pruned together.
+
+The model is traced with ``torch.fx`` (shapes from one example input). Every channel a
+layer produces (a Linear output feature, a Conv output channel, an attention head, the
+intermediate feature of a transformer MLP) is an *element*; the trace follows where each
+channel goes. Elements joined by an elementwise operation (a residual addition) are one
+group: they are kept or removed together. A group's *members* are every slice it owns:
+the producing weights' output slices and bias entries, BatchNorm entries, and the
+consumers' input slices (after a flatten, a channel owns ``H*W`` consecutive inputs).
+
+Channels that cannot be removed without changing what the model computes are *pinned*:
+those reaching the model's output, mixed by a normalisation over channels (LayerNorm),
+a softmax or a reduction over channels, or combined with an untracked tensor. An
+operation the trace does not understand, applied to tracked channels, raises
+:class:`UnsupportedModelError` naming the node: never a guess.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from prunekit._validate import amount_to_count
+
+SCOPES = ("layer", "global")
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be traced, or uses an operation on channels prunekit does not
+    understand; the message names the operation (the fx node) and why."""
+
+
+# ------------------------------------------------------------------ op tables
+_UNARY_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+_POOL_MODULES: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}  # fmt: skip
+_UNARY_FUNCTIONS: set[Any] = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish,
+    F.hardsigmoid, F.mish, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.neg, operator.neg, torch.abs,
+}  # fmt: skip
+_UNARY_METHODS = {
+    "relu", "sigmoid", "tanh", "neg", "abs", "contiguous", "clone", "float", "double",
+    "half", "bfloat16", "to", "type_as", "detach",
+}  # fmt: skip
+_POOL_FUNCTIONS: dict[Any, int] = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
+    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}  # fmt: skip
+_BINARY_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv,
+    torch.add, torch.sub, torch.mul, torch.div,
+}  # fmt: skip
+_BINARY_METHODS = {"add", "sub", "mul", "div"}
+_META_METHODS = {"size", "dim", "numel"}
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNEL_MIXING_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+
+
+@dataclass
+class _Track:
+    """Which dimension of a tensor carries tracked channels, and their elements."""
+
+    dim: int
+    ids: list[int]
+
+
+@dataclass
+class _Element:
+    members: list[tuple[str, str, int, int, tuple[int, int] | None]] = field(default_factory=list)
+    producers: set[str] = field(default_factory=set)
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """Parameter slices pruned together (one channel, head or coupled set of channels).
+
+    ``members`` holds ``(param_name, kind, dim, indices, rows)``: ``kind`` is ``"out"``
+    (a producing weight's output slice), ``"aux"`` (a bias or normalisation entry) or
+    ``"in"`` (a consumer's input slice); ``rows`` optionally narrows the other dimension
+    (the q, k or v block of a packed attention projection). ``layer`` names the set of
+    coupled layers the group belongs to (groups are ranked within it for
+    ``scope="layer"``).
+    """
+
+    members: tuple[tuple[str, str, int, tuple[int, ...], tuple[int, int] | None], ...]
+    producers: tuple[str, ...]
+    layer: str
+
+    def slices(self, params: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+        """Each member's values, ``(param_name, tensor)``."""
+        return [(m[0], _member_slice(params[m[0]], m)) for m in self.members]
+
+
+def _member_slice(t: Tensor, member: tuple[str, str, int, tuple[int, ...], Any]) -> Tensor:
+    _, _, dim, idx, rows = member
+    if rows is not None:
+        t = t.narrow(1 - dim, rows[0], rows[1] - rows[0])
+    return t.index_select(dim, torch.tensor(idx, device=t.device))
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+class DependencyGraph:
+    """The dependency groups of ``model``, traced with ``torch.fx`` on ``example_input``.
+
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> graph = DependencyGraph(model, torch.zeros(1, 4))
+    >>> len(graph.groups), [m[:3] for m in graph.groups[0].members]
+    (3, [('0.weight', 'out', 0), ('0.bias', 'aux', 0), ('2.weight', 'in', 1)])
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+        if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+            raise TypeError(
+                f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
+            )
+        self.model = model
+        self.example_input = inputs
+        try:
+            self.gm = fx.symbolic_trace(model)
+        except Exception as e:  # fx raises TraceError, TypeError, RuntimeError...
+            raise UnsupportedModelError(
+                f"torch.fx cannot trace {type(model).__name__} (data-dependent control flow or "
+                f"an untraceable call?): {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            ) from e
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*inputs)
+        finally:
+            model.train(was_training)
+        self._parent: list[int] = []
+        self._elements: list[_Element] = []
+        self.tracks: dict[str, _Track | None] = {}
+        #: per module: the tracks it reads and writes, for compaction
+        self.module_io: dict[str, dict[str, Any]] = {}
+        self._modules = dict(model.named_modules())
+        self._params = dict(model.named_parameters())
+        for node in self.gm.graph.nodes:
+            self.tracks[node.name] = self._visit(node)
+        self.groups = self._build_groups()
+
+    # ------------------------------------------------------------ union-find
+    def _new(self, n: int, *, pinned: bool = False) -> list[int]:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + n))
+        self._elements.extend(_Element(pinned=pinned) for _ in range(n))
+        return list(range(start, start + n))
+
+    def find(self, e: int) -> int:
+        while self._parent[e] != e:
+            self._parent[e] = self._parent[self._parent[e]]
+            e = self._parent[e]
+        return e
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self._parent[rb] = ra
+            ea, eb = self._elements[ra], self._elements[rb]
+            ea.members += eb.members
+            ea.producers |= eb.producers
+            ea.pinned |= eb.pinned
+
+    def _pin(self, ids: Sequence[int]) -> None:
+        for e in ids:
+            self._elements[self.find(e)].pinned = True
+
+    def _member(self, e: int, name: str, kind: str, dim: int, idx: int, rows: Any = None) -> None:
+        el = self._elements[self.find(e)]
+        el.members.append((name, kind, dim, idx, rows))
+        if kind == "out":
+            el.producers.add(name.rsplit(".", 1)[0])
+
+    def pinned(self, e: int) -> bool:
+        return self._elements[self.find(e)].pinned
+
+    # ------------------------------------------------------------ the trace
+    def _refuse(self, node: fx.Node, why: str) -> UnsupportedModelError:
+        what = (
+            node.target
+            if isinstance(node.target, str)
+            else getattr(node.target, "__name__", repr(node.target))
+        )
+        return UnsupportedModelError(
+            f"cannot follow channels through node {node.name!r} ({node.op} {what}): {why}; "
+            "prunekit refuses rather than build a wrong model"
+        )
+
+    def _track(self, arg: Any) -> _Track | None:
+        return self.tracks.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def _visit(self, node: fx.Node) -> _Track | None:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self._pin_all(node.args)
+            return None
+        tracked = [t for a in node.all_input_nodes if (t := self._track(a)) is not None]
+        if node.op == "call_module":
+            return self._visit_module(node, self._modules[node.target], tracked)
+        if node.op == "call_function" and node.target is operator.getitem:
+            return self._visit_getitem(node)
+        if not tracked:
+            return None  # nothing tracked flows in: whatever this is, channels are unaffected
+        if node.op == "call_function":
+            return self._visit_function(node)
+        if node.op == "call_method":
+            return self._visit_method(node)
+        raise self._refuse(node, "unknown node kind")
+
+    def _pin_all(self, arg: Any) -> None:
+        if isinstance(arg, fx.Node):
+            t = self._track(arg)
+            if t is not None:
+                self._pin(t.ids)
+        elif isinstance(arg, list | tuple):
+            for a in arg:
+                self._pin_all(a)
+        elif isinstance(arg, dict):
+            for a in arg.values():
+                self._pin_all(a)
+
+    def _visit_module(self, node: fx.Node, mod: nn.Module, tracked: list[_Track]) -> _Track | None:
+        name = node.target
+        x = node.args[0] if node.args else None
+        tx = self._track(x)
+        shape = _shape(x)
+        if isinstance(mod, nn.Linear):
+            if tx is not None and tx.dim != len(shape) - 1:
+                raise self._refuse(node, "a Linear reads the last dim but channels are on another")
+            return self._producer(node, name, mod, tx, 1, out_dim=len(_shape(node)) - 1)
+        if isinstance(mod, _CONV):
+            spatial = mod.weight.dim() - 2
+            if tx is not None and tx.dim != len(shape) - spatial - 1:
+                raise self._refuse(node, "a convolution's input channels are not the tracked dim")
+            cdim = len(_shape(node)) - spatial - 1
+            if mod.groups == 1:
+                return self._producer(node, name, mod, tx, 1, out_dim=cdim)
+            if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: channel j -> j
+                ids = tx.ids if tx is not None else self._new(mod.out_channels, pinned=True)
+                for c, e in enumerate(ids):
+                    self._member(e, f"{name}.weight", "out", 0, c)
+                    if mod.bias is not None:
+                        self._member(e, f"{name}.bias", "aux", 0, c)
+                self.module_io[name] = {"kind": "depthwise", "ids": list(ids)}
+                return _Track(cdim, list(ids))
+            if tx is not None:  # grouped convolution: its channels stay as they are
+                self._pin(tx.ids)
+            ids = self._new(mod.out_channels, pinned=True)
+            return _Track(cdim, ids)
+        if isinstance(mod, _BATCHNORM):
+            if tx is None:
+                return None
+            if tx.dim != 1:
+                raise self._refuse(node, "BatchNorm normalises dim 1 but channels are on another")
+            for c, e in enumerate(tx.ids):
+                for pname in ("weight", "bias"):
+                    if getattr(mod, pname) is not None:
+                        self._member(e, f"{name}.{pname}", "aux", 0, c)
+            self.module_io[name] = {"kind": "batchnorm", "ids": list(tx.ids)}
+            return _Track(tx.dim, list(tx.ids))
+        if isinstance(mod, _UNARY_MODULES):
+            return tx
+        if type(mod) in _POOL_MODULES:
+            if tx is not None and tx.dim >= len(shape) - _POOL_MODULES[type(mod)]:
+                raise self._refuse(node, "pooling over the channel dim")
+            return tx
+        if isinstance(mod, nn.Flatten):
+            return self._flatten(node, tx, mod.start_dim, mod.end_dim)
+        if isinstance(mod, nn.Softmax | nn.LogSoftmax):
+            return self._softmax(node, tx, mod.dim)
+        if isinstance(mod, _CHANNEL_MIXING_MODULES):
+            if tx is not None:
+                self._pin(tx.ids)  # normalising over channels mixes them: keep them all
+            return tx
+        if isinstance(mod, nn.MultiheadAttention):
+            return self._attention(node, name, mod)
+        if isinstance(mod, nn.TransformerEncoderLayer | nn.TransformerEncoder):
+            layers = mod.layers if isinstance(mod, nn.TransformerEncoder) else [mod]
+            prefix = f"{name}.layers." if isinstance(mod, nn.TransformerEncoder) else f"{name}."
+            if tx is not None:
+                self._pin(tx.ids)  # the residual stream runs through LayerNorm
+            for i, layer in enumerate(layers):
+                lname = f"{prefix}{i}" if isinstance(mod, nn.TransformerEncoder) else name
+                self._encoder_layer(node, lname, layer)
+            if tx is None:
+                return None
+            return _Track(tx.dim, self._new(len(tx.ids), pinned=True))
+        if not tracked:
+            return None
+        raise self._refuse(node, f"module type {type(mod).__name__} is not supported on channels")
+
+    def _producer(
+        self, node: fx.Node, name: str, mod: nn.Module, tx: _Track | None, in_dim: int, out_dim: int
+    ) -> _Track:
+        w = mod.weight
+        if tx is not None:
+            for j, e in enumerate(tx.ids):
+                self._member(e, f"{name}.weight", "in", in_dim, j)
+        ids = self._new(w.shape[0])
+        for c, e in enumerate(ids):
+            self._member(e, f"{name}.weight", "out", 0, c)
+            if getattr(mod, "bias", None) is not None:
+                self._member(e, f"{name}.bias", "aux", 0, c)
+        self.module_io[name] = {
+            "kind": "layer",
+            "in": None if tx is None else list(tx.ids),
+            "out": list(ids),
+        }
+        return _Track(out_dim, ids)
+
+    def _attention(self, node: fx.Node, name: str, mod: nn.MultiheadAttention) -> _Track | None:
+        if mod.bias_k is not None or mod.add_zero_attn:
+            raise self._refuse(node, "MultiheadAttention with add_bias_kv/add_zero_attn")
+        qkv = list(node.args[:3]) + [None] * (3 - len(node.args[:3]))
+        for i, key in enumerate(("query", "key", "value")):
+            if key in node.kwargs:
+                qkv[i] = node.kwargs[key]
+        io: dict[str, Any] = {"kind": "attention"}
+        for role, arg in zip("qkv", qkv, strict=True):
+            t = self._track(arg)
+            ndim = len(_shape(arg)) if _shape(arg) is not None else 3
+            if t is not None and t.dim != ndim - 1:
+                raise self._refuse(node, "attention inputs must carry channels on the last dim")
+            pname, rows = self._attention_proj(name, mod, role)
+            io[role] = None if t is None else list(t.ids)
+            for j, e in enumerate(t.ids if t is not None else []):
+                self._member(e, pname, "in", 1, j, rows)
+        io["heads"] = self._heads(name, mod)
+        out = self._new(mod.embed_dim)
+        for c, e in enumerate(out):
+            self._member(e, f"{name}.out_proj.weight", "out", 0, c)
+            if mod.out_proj.bias is not None:
+                self._member(e, f"{name}.out_proj.bias", "aux", 0, c)
+        io["out"] = out
+        self.module_io[name] = io
+        self._attention_outputs = getattr(self, "_attention_outputs", {})
+        self._attention_outputs[node.name] = _Track(len(_shape(qkv[0]) or (0, 0, 0)) - 1, out)
+        return None  # the tuple; getitem 0 picks the track
+
+    @staticmethod
+    def _attention_proj(name: str, mod: nn.MultiheadAttention, role: str) -> tuple[str, Any]:
+        e = mod.embed_dim
+        if mod._qkv_same_embed_dim:
+            i = "qkv".index(role)
+            return f"{name}.in_proj_weight", (i * e, (i + 1) * e)
+        return f"{name}.{role}_proj_weight", None
+
+    def _heads(self, name: str, mod: nn.MultiheadAttention) -> list[int]:
+        heads = self._new(mod.num_heads)
+        hd, e = mod.head_dim, mod.embed_dim
+        for h, el in enumerate(heads):
+            for i, role in enumerate("qkv"):
+                pname, _ = self._attention_proj(name, mod, role)
+                for r in range(h * hd, (h + 1) * hd):
+                    off = i * e if mod._qkv_same_embed_dim else 0
+                    self._member(el, pname, "out", 0, off + r)
+                    if mod.in_proj_bias is not None:
+                        self._member(el, f"{name}.in_proj_bias", "aux", 0, i * e + r)
+                    if i == 0:
+                        self._member(el, f"{name}.out_proj.weight", "in", 1, r)
+            self._elements[el].producers = {f"{name}.heads"}
+        return heads
+
+    def _encoder_layer(self, node: fx.Node, name: str, layer: nn.TransformerEncoderLayer) -> None:
+        attn = layer.self_attn
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise self._refuse(node, "MultiheadAttention with add_bias_kv/add_zero_attn")
+        heads = self._heads(f"{name}.self_attn", attn)
+        self.module_io[f"{name}.self_attn"] = {"kind": "attention", "q": None, "k": None,
+                                               "v": None, "heads": heads, "out": None}  # fmt: skip
+        ffn = self._new(layer.linear1.out_features)
+        for c, e in enumerate(ffn):
+            self._member(e, f"{name}.linear1.weight", "out", 0, c)
+            if layer.linear1.bias is not None:
+                self._member(e, f"{name}.linear1.bias", "aux", 0, c)
+            self._member(e, f"{name}.linear2.weight", "in", 1, c)
+        self.module_io[f"{name}.linear1"] = {"kind": "layer", "in": None, "out": ffn}
+        self.module_io[f"{name}.linear2"] = {"kind": "layer", "in": ffn, "out": None}
+
+    def _visit_getitem(self, node: fx.Node) -> _Track | None:
+        src, index = node.args
+        outs = getattr(self, "_attention_outputs", {})
+        if isinstance(src, fx.Node) and src.name in outs:
+            return outs[src.name] if index == 0 else None
+        t = self._track(src)
+        if t is None:
+            return None
+        shape = _shape(src)
+        if shape is None:
+            raise self._refuse(node, "indexing a tracked value of unknown shape")
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, fx.Node | Tensor | list) for i in index):
+            raise self._refuse(node, "advanced indexing of tracked channels")
+        if sum(i is Ellipsis for i in index) > 1:
+            raise self._refuse(node, "indexing with several ellipses")
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded: list[Any] = []
+        for i in index:
+            if i is Ellipsis:
+                expanded += [slice(None)] * (len(shape) - consumed)
+            else:
+                expanded.append(i)
+        expanded += [slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None))
+        src_dim, out_dim = 0, 0
+        for i in expanded:
+            if i is None:
+                out_dim += 1
+                continue
+            if src_dim == t.dim:
+                if i != slice(None):
+                    raise self._refuse(node, "indexing into the channel dim")
+                return _Track(out_dim, t.ids)
+            src_dim += 1
+            if not isinstance(i, int):
+                out_dim += 1
+        raise self._refuse(node, "indexing that drops the channel dim")
+
+    def _args(self, node: fx.Node, names: Sequence[str], defaults: Sequence[Any]) -> list[Any]:
+        vals = list(node.args) + list(defaults[len(node.args) :])
+        for i, n in enumerate(names):
+            if n in node.kwargs:
+                vals[i] = node.kwargs[n]
+        return vals
+
+    def _visit_function(self, node: fx.Node) -> _Track | None:
+        f = node.target
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        tx = self._track(x)
+        if f in _UNARY_FUNCTIONS:
+            return tx
+        if f in _POOL_FUNCTIONS:
+            if tx is not None and tx.dim >= len(_shape(x)) - _POOL_FUNCTIONS[f]:
+                raise self._refuse(node, "pooling over the channel dim")
+            return tx
+        if f in _BINARY_FUNCTIONS:
+            return self._elementwise(node, [*node.args[:2], node.kwargs.get("other")])
+        if f is torch.flatten:
+            _, start, end = self._args(node, ("input", "start_dim", "end_dim"), (None, 0, -1))
+            return self._flatten(node, tx, start, end)
+        if f is torch.reshape:
+            return self._reshape(node, tx)
+        if f is torch.cat or f is torch.concat:
+            tensors, dim = self._args(node, ("tensors", "dim"), (None, 0))
+            return self._cat(node, tensors, dim)
+        if f is F.pad:
+            x, pad, mode, value = self._args(
+                node, ("input", "pad", "mode", "value"), (None, None, "constant", None)
+            )
+            return self._pad(node, tx, pad, mode, value)
+        if f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
+            _, dim = self._args(node, ("input", "dim"), (None, None))
+            return self._softmax(node, tx, dim)
+        if f in (torch.mean, torch.sum, torch.amax, torch.amin):
+            _, dim, keepdim = self._args(node, ("input", "dim", "keepdim"), (None, None, False))
+            return self._reduce(node, tx, dim, keepdim)
+        if f in (torch.transpose, torch.permute):
+            return self._permute(node, tx)
+        if f is getattr:
+            return None  # x.shape and friends: metadata, not channels
+        raise self._refuse(node, "this function is not supported on tracked channels")
+
+    def _visit_method(self, node: fx.Node) -> _Track | None:
+        m = node.target
+        tx = self._track(node.args[0])
+        if m in _META_METHODS:
+            return None
+        if m in _UNARY_METHODS:
+            return tx
+        if m in _BINARY_METHODS:
+            return self._elementwise(node, [*node.args[:2], node.kwargs.get("other")])
+        if m == "flatten":
+            _, start, end = self._args(node, ("self", "start_dim", "end_dim"), (None, 0, -1))
+            return self._flatten(node, tx, start, end)
+        if m in ("view", "reshape"):
+            return self._reshape(node, tx)
+        if m in ("softmax", "log_softmax"):
+            _, dim = self._args(node, ("self", "dim"), (None, None))
+            return self._softmax(node, tx, dim)
+        if m in ("mean", "sum", "amax", "amin"):
+            _, dim, keepdim = self._args(node, ("self", "dim", "keepdim"), (None, None, False))
+            return self._reduce(node, tx, dim, keepdim)
+        if m in ("transpose", "permute"):
+            return self._permute(node, tx)
+        raise self._refuse(node, "this method is not supported on tracked channels")
+
+    # ------------------------------------------------------------ op rules
+    def _elementwise(self, node: fx.Node, operands: list[Any]) -> _Track | None:
+        out_shape = _shape(node)
+        if out_shape is None:
+            raise self._refuse(node, "elementwise result of unknown shape")
+        nd = len(out_shape)
+        dims = {nd - len(_shape(a)) + t.dim for a in operands if (t := self._track(a)) is not None}
+        if len(dims) != 1:
+            raise self._refuse(node, "operands carry channels on different dims")
+        cdim = dims.pop()
+        ids: list[int] | None = None
+        pin = False
+        for a in operands:
+            t, shape = self._track(a), _shape(a)
+            if t is not None:
+                if len(t.ids) != out_shape[cdim]:  # one channel broadcast over many
+                    self._pin(t.ids)
+                elif ids is None:
+                    ids = list(t.ids)
+                else:
+                    for e1, e2 in zip(ids, t.ids, strict=True):
+                        self._union(e1, e2)
+            elif shape is not None:  # an untracked tensor varying along the channels
+                k = cdim - (nd - len(shape))
+                pin |= k >= 0 and shape[k] != 1
+        if ids is None:
+            ids = self._new(out_shape[cdim], pinned=True)
+        if pin:
+            self._pin(ids)
+        return _Track(cdim, ids)
+
+    def _flatten(self, node: fx.Node, tx: _Track | None, start: int, end: int) -> _Track | None:
+        if tx is None:
+            return None
+        shape = _shape(node.args[0])
+        start, end = _norm_dim(start, len(shape)), _norm_dim(end, len(shape))
+        if tx.dim < start:
+            return tx
+        if tx.dim > end:
+            return _Track(tx.dim - (end - start), tx.ids)
+        return _Track(start, self._merged_ids(tx, shape, start, end))
+
+    @staticmethod
+    def _merged_ids(tx: _Track, shape: tuple[int, ...], start: int, end: int) -> list[int]:
+        view = [1] * (end - start + 1)
+        view[tx.dim - start] = -1
+        grid = torch.tensor(tx.ids).view(view).expand(*shape[start : end + 1])
+        return grid.reshape(-1).tolist()
+
+    def _reshape(self, node: fx.Node, tx: _Track | None) -> _Track | None:
+        if tx is None:
+            return None
+        src, out = _shape(node.args[0]), _shape(node)
+        if src is None or out is None:
+            raise self._refuse(node, "reshape of unknown shape")
+        lead = 0
+        while lead < min(len(src), len(out)) and src[lead] == out[lead]:
+            lead += 1
+        trail = 0
+        while (
+            trail < min(len(src), len(out)) - lead
+            and src[len(src) - 1 - trail] == out[len(out) - 1 - trail]
+        ):
+            trail += 1
+        if tx.dim < lead:
+            track = _Track(tx.dim, tx.ids)
+        elif tx.dim >= len(src) - trail:
+            track = _Track(tx.dim - len(src) + len(out), tx.ids)
+        elif len(out) - lead - trail == 1:
+            track = _Track(lead, self._merged_ids(tx, src, lead, len(src) - trail - 1))
+        else:
+            raise self._refuse(node, "a reshape that splits or reorders the channel dim")
+        self.module_io[f"node:{node.name}"] = {
+            "kind": "reshape",
+            "dim": track.dim,
+            "ids": track.ids,
+        }
+        return track
+
+    def _cat(self, node: fx.Node, tensors: Sequence[Any], dim: int) -> _Track:
+        nd = len(_shape(node))
+        dim = _norm_dim(dim, nd)
+        tracks = [self._track(t) for t in tensors]
+        cdims = {t.dim for t in tracks if t is not None}
+        if len(cdims) != 1:
+            raise self._refuse(node, "concatenated tensors carry channels on different dims")
+        cdim = cdims.pop()
+        if dim == cdim:
+            ids: list[int] = []
+            for t, a in zip(tracks, tensors, strict=True):
+                ids += t.ids if t is not None else self._new(_shape(a)[cdim], pinned=True)
+            return _Track(cdim, ids)
+        return self._elementwise(node, list(tensors))
+
+    def _pad(
+        self, node: fx.Node, tx: _Track | None, pad: Sequence[int], mode: str, value: Any
+    ) -> _Track | None:
+        if tx is None:
+            return None
+        nd = len(_shape(node))
+        k = nd - 1 - tx.dim
+        if 2 * k >= len(pad):
+            return tx
+        if any(isinstance(p, fx.Node) for p in pad[2 * k : 2 * k + 2]):
+            raise self._refuse(node, "padding of the channel dim by a computed amount")
+        lo, hi = pad[2 * k], pad[2 * k + 1]
+        if mode != "constant" or lo < 0 or hi < 0:
+            raise self._refuse(node, f"padding the channel dim with mode={mode!r} or cropping")
+        zero = value in (None, 0, 0.0)
+        left, right = self._new(lo, pinned=not zero), self._new(hi, pinned=not zero)
+        ids = left + tx.ids + right
+        self.module_io[f"node:{node.name}"] = {
+            "kind": "pad", "index": 2 * k, "left": left, "right": right,
+        }  # fmt: skip
+        return _Track(tx.dim, ids)
+
+    def _softmax(self, node: fx.Node, tx: _Track | None, dim: Any) -> _Track | None:
+        if tx is None:
+            return None
+        if dim is None or _norm_dim(dim, len(_shape(node))) == tx.dim:
+            self._pin(tx.ids)
+        return tx
+
+    def _reduce(self, node: fx.Node, tx: _Track | None, dim: Any, keepdim: bool) -> _Track | None:
+        if tx is None:
+            return None
+        nd = len(_shape(node.args[0]))
+        dims = range(nd) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        dims = sorted(_norm_dim(d, nd) for d in dims)
+        if tx.dim in dims:
+            self._pin(tx.ids)  # summing channels together: none can go
+            return None
+        return _Track(tx.dim - (0 if keepdim else sum(d < tx.dim for d in dims)), tx.ids)
+
+    def _permute(self, node: fx.Node, tx: _Track | None) -> _Track | None:
+        if tx is None:
+            return None
+        nd = len(_shape(node.args[0]))
+        rest = list(node.args[1:])
+        if node.target in ("transpose", torch.transpose):
+            d0, d1 = (_norm_dim(d, nd) for d in rest[:2])
+            new = d1 if tx.dim == d0 else d0 if tx.dim == d1 else tx.dim
+            return _Track(new, tx.ids)
+        order = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
+        order = [_norm_dim(d, nd) for d in order]
+        return _Track(order.index(tx.dim), tx.ids)
+
+    # ------------------------------------------------------------ groups
+    def _build_groups(self) -> tuple[Group, ...]:
+        roots: dict[int, list[int]] = {}
+        for e in range(len(self._parent)):
+            roots.setdefault(self.find(e), []).append(e)
+        candidates = []
+        for root in roots:
+            el = self._elements[root]
+            if el.pinned or not any(m[1] == "out" for m in el.members):
+                continue
+            candidates.append(root)
+        # layers: groups sharing a producer are ranked together
+        layer_of: dict[str, str] = {}
+        parent: dict[str, str] = {}
+
+        def top(p: str) -> str:
+            while parent[p] != p:
+                p = parent[p]
+            return p
+
+        for root in candidates:
+            prods = sorted(self._elements[root].producers)
+            for p in prods:
+                parent.setdefault(p, p)
+            for p in prods[1:]:
+                a, b = top(prods[0]), top(p)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        order = {n: i for i, n in enumerate(self._modules)}
+        members_of: dict[str, list[str]] = {}
+        for p in parent:
+            members_of.setdefault(top(p), []).append(p)
+        for ps in members_of.values():
+            first = min(ps, key=lambda n: order.get(n.removesuffix(".heads"), 0))
+            for p in ps:
+                layer_of[p] = first
+        groups = []
+        self.group_of_root: dict[int, int] = {}
+        for root in sorted(candidates):
+            el = self._elements[root]
+            merged: dict[tuple[str, str, int, Any], list[int]] = {}
+            for name, kind, dim, idx, rows in el.members:
+                merged.setdefault((name, kind, dim, rows), []).append(idx)
+            members = tuple(
+                (name, kind, dim, tuple(sorted(set(idx))), rows)
+                for (name, kind, dim, rows), idx in merged.items()
+            )
+            self.group_of_root[root] = len(groups)
+            groups.append(
+                Group(members, tuple(sorted(el.producers)), layer_of[sorted(el.producers)[0]])
+            )
+        return tuple(groups)
+
+    # ------------------------------------------------------------ ranking and masks
+    @property
+    def param_names(self) -> list[str]:
+        """Every parameter some group has a member in (the targets a Pruner needs)."""
+        names = {m[0] for g in self.groups for m in g.members}
+        return [n for n in self._params if n in names]
+
+    def scores(self) -> Tensor:
+        """Each group's importance: the sum of squares of all its members' entries
+        (its L2 norm squared), in ``groups`` order.
+
+        >>> model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+        ...     _ = model[1].weight.copy_(torch.tensor([[3.0, 1.0]]))
+        >>> DependencyGraph(model, torch.zeros(1, 2)).scores().tolist()
+        [14.0, 2.0]
+        """
+        params = {n: p.detach() for n, p in self._params.items()}
+        return torch.tensor(
+            [sum(float(t.double().pow(2).sum()) for _, t in g.slices(params)) for g in self.groups],
+            dtype=torch.float64,
+        )
+
+    def pruned(self, masks: Mapping[str, Tensor]) -> list[bool]:
+        """Which groups ``masks`` prunes: every producing (``"out"``) slice is masked, or
+        zero where its weight has no mask, and at least one is masked."""
+        self._check_masks(masks)
+        params = {n: p.detach() for n, p in self._params.items()}
+        out = []
+        for g in self.groups:
+            masked_any, dead = False, True
+            for member, (name, t) in zip(g.members, g.slices(params), strict=True):
+                if member[1] != "out":
+                    continue
+                if name in masks:
+                    gone = not bool(_member_slice(masks[name], member).any())
+                    masked_any |= gone
+                    dead &= gone
+                else:
+                    dead &= not bool(t.any())
+            out.append(dead and masked_any)
+        return out
+
+    def _check_masks(self, masks: Mapping[str, Tensor]) -> None:
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"masks must be a mapping of parameter names to bool tensors, got {type(masks).__name__}"
+            )
+        for name, m in masks.items():
+            if name not in self._params:
+                raise ValueError(
+                    f"masks names {name!r}, not a parameter of {type(self.model).__name__}"
+                )
+            if (
+                not isinstance(m, Tensor)
+                or m.dtype != torch.bool
+                or m.shape != self._params[name].shape
+            ):
+                raise ValueError(
+                    f"masks[{name!r}] must be a bool tensor of shape {tuple(self._params[name].shape)}"
+                )
+
+    def masks_for(self, pruned: Sequence[bool]) -> dict[str, Tensor]:
+        """Bool masks (True = kept) over every member parameter, False on the members
+        of each pruned group."""
+        masks = {n: torch.ones_like(self._params[n], dtype=torch.bool) for n in self.param_names}
+        for g, gone in zip(self.groups, pruned, strict=True):
+            if not gone:
+                continue
+            for name, _, dim, idx, rows in g.members:
+                view = masks[name]
+                if rows is not None:
+                    view = view.narrow(1 - dim, rows[0], rows[1] - rows[0])
+                view.index_fill_(dim, torch.tensor(idx), False)
+        return masks
+
+    def group_masks(
+        self,
+        amount: float | int,
+        *,
+        scope: str = "layer",
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Masks pruning ``amount`` of the groups with the lowest :meth:`scores`.
+
+        ``scope="layer"`` prunes ``amount`` within each layer (each set of coupled layers);
+        ``"global"`` ranks all groups together, each score divided by its layer's mean so
+        wide and narrow layers compare. Groups already pruned by ``masks`` stay pruned and
+        count toward the amount. A layer is never emptied: an amount that would remove all
+        of a layer's groups raises ``ValueError``.
+
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> m = DependencyGraph(model, torch.zeros(1, 4)).group_masks(0.5)
+        >>> int(m["0.weight"].all(dim=1).sum()), int(m["2.weight"].all(dim=0).sum())
+        (2, 2)
+        """
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
+        already = self.pruned(masks) if masks is not None else [False] * len(self.groups)
+        scores = self.scores()
+        layers: dict[str, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            layers.setdefault(g.layer, []).append(i)
+        pruned = list(already)
+        if scope == "layer":
+            for layer, idx in layers.items():
+                k = amount_to_count(amount, len(idx))
+                self._check_count(k, len(idx), layer, amount)
+                self._prune_lowest(pruned, idx, scores, k)
+        else:
+            norm = scores.clone()
+            for idx in layers.values():
+                mean = float(scores[idx].mean())
+                norm[idx] = scores[idx] / mean if mean > 0 else 0.0
+            k = amount_to_count(amount, len(self.groups))
+            self._prune_lowest(pruned, list(range(len(self.groups))), norm, k)
+            for layer, idx in layers.items():
+                if all(pruned[i] for i in idx):
+                    raise ValueError(
+                        f"{amount=} with scope='global' would remove every group of layer {layer!r}"
+                    )
+        result = self.masks_for(pruned)
+        if masks is not None:
+            for n, m in masks.items():
+                if n in result:
+                    result[n] &= m
+        return result
+
+    @staticmethod
+    def _check_count(k: int, total: int, layer: str, amount: float | int) -> None:
+        if k >= total:
+            raise ValueError(f"{amount=} would remove every group ({total}) of layer {layer!r}")
+
+    @staticmethod
+    def _prune_lowest(pruned: list[bool], idx: list[int], scores: Tensor, k: int) -> None:
+        have = sum(pruned[i] for i in idx)
+        if k < have:
+            raise ValueError(f"amount asks for {k} pruned groups but {have} already are")
+        alive = sorted((i for i in idx if not pruned[i]), key=lambda i: (float(scores[i]), i))
+        for i in alive[: k - have]:
+            pruned[i] = True
+
+    def kept(self, pruned: Sequence[bool]) -> list[bool]:
+        """Per element: kept (True) unless its group is pruned."""
+        gone = {r for r, gi in self.group_of_root.items() if pruned[gi]}
+        return [self.find(e) not in gone for e in range(len(self._parent))]
