@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from prunekit._select import KeySource, MagnitudeKeys, RandomKeys, ScoreKeys, prune_lowest
+from prunekit._distributed import local
+from prunekit._select import KeySource, RandomKeys
+from prunekit._select_wide import WideKeys, key_source, select_lowest
 from prunekit._validate import (
     amount_to_count,
     check_dim,
@@ -89,11 +92,11 @@ def _seed(generator: torch.Generator | None) -> int:
 
 
 def _prune_entries(
-    t: Tensor, amount: float | int, mask: Tensor | None, source: KeySource
+    t: Tensor, amount: float | int, mask: Tensor | None, source: KeySource | WideKeys
 ) -> Tensor:
     new = _start_mask(t, mask)
     k = _extra_count(amount, t.numel(), t.numel() - int(new.count_nonzero()))
-    prune_lowest(source, [new], k, ["t"])
+    select_lowest(source, [new], k, ["t"])
     return new
 
 
@@ -108,12 +111,12 @@ def magnitude_mask(
     """
     check_tensor(t)
     if scores is None:
-        return _prune_entries(t, amount, mask, MagnitudeKeys([t]))
+        return _prune_entries(t, amount, mask, key_source([t], magnitude=True))
     check_tensor(scores, "scores")
     if scores.shape != t.shape:
         raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(t.shape)}")
     check_finite(scores, "scores")
-    return _prune_entries(t, amount, mask, ScoreKeys([scores]))
+    return _prune_entries(t, amount, mask, key_source([scores], magnitude=False))
 
 
 @register_method("random")
@@ -142,13 +145,13 @@ def _slice_norms(t: Tensor, n: float, dim: int) -> Tensor:
 
 
 def _prune_slices(
-    t: Tensor, amount: float | int, dim: int, mask: Tensor | None, source: KeySource
+    t: Tensor, amount: float | int, dim: int, mask: Tensor | None, source: KeySource | WideKeys
 ) -> Tensor:
     new = _start_mask(t, mask)
     others = [d for d in range(t.ndim) if d != dim]
     alive = new.any(dim=others) if others else new.clone()
     k = _extra_count(amount, t.shape[dim], t.shape[dim] - int(alive.count_nonzero()))
-    prune_lowest(source, [alive], k, ["t"])
+    select_lowest(source, [alive], k, ["t"])
     shape = [1] * t.ndim
     shape[dim] = -1
     new &= alive.view(shape)
@@ -181,13 +184,14 @@ def ln_structured_mask(
         raise ValueError(f"n={n!r} must be one of 0, 1, 2, inf")
     if scores is None:
         weights = t.detach() if mask is None else t.detach() * check_mask(mask, t.shape)
-        scores = _slice_norms(weights.float(), n, dim)
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+        scores = _slice_norms(weights.to(wide), n, dim)
     else:
         check_tensor(scores, "scores")
         if scores.shape != (t.shape[dim],):
             raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({t.shape[dim]},)")
         check_finite(scores, "scores")
-    return _prune_slices(t, amount, dim, mask, ScoreKeys([scores]))
+    return _prune_slices(t, amount, dim, mask, key_source([scores], magnitude=False))
 
 
 @register_method("random_structured")
@@ -272,7 +276,7 @@ def global_magnitude_masks(
     total = sum(t.numel() for t in named.values())
     already = total - sum(int(m.count_nonzero()) for m in new.values())
     k = _extra_count(amount, total, already)
-    prune_lowest(MagnitudeKeys(list(named.values())), list(new.values()), k, list(named))
+    select_lowest(key_source(list(named.values()), magnitude=True), list(new.values()), k, list(named))
     return new
 
 
@@ -318,4 +322,7 @@ def zero_pruned_(t: Tensor, mask: Tensor) -> Tensor:
     >>> zero_pruned_(torch.tensor([1.0, float("nan")]), torch.tensor([True, False]))
     tensor([1., 0.])
     """
+    if isinstance(t, DTensor) or isinstance(mask, DTensor):  # a shard: its local part
+        zero_pruned_(local(t), local(mask))
+        return t
     return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device), out=t)

@@ -28,13 +28,19 @@ def unpack_mask(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     >>> bool((unpack_mask(pack_mask(m), m.shape) == m).all())
     True
     """
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed mask must be a torch.uint8 tensor, got {type(packed).__name__}")
     numel = 1
     for size in shape:
         numel *= size
-    if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
+    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != (numel + 7) // 8:
         raise ValueError(
             f"packed mask has {packed.numel()} {packed.dtype} bytes; shape {tuple(shape)} "
             f"needs {(numel + 7) // 8} uint8 bytes"
         )
-    bits = packed.reshape(-1, 1).bitwise_and(_BITS).ne(0)
-    return bits.reshape(-1)[:numel].reshape(shape)
+    bits = packed.cpu().reshape(-1, 1).bitwise_and(_BITS).ne(0).reshape(-1)
+    if numel % 8 and bool(bits[numel:].any()):  # pack_mask writes 0 there: a corrupt mask
+        raise ValueError(
+            f"packed mask has bits set past its {numel} entries (in its last byte): corrupt"
+        )
+    return bits[:numel].reshape(shape)

@@ -4,43 +4,72 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 
-def amount_to_count(amount: float | int, total: int, *, name: str = "amount") -> int:
+def as_amount(value: object, name: str = "amount") -> int | float:
+    """``value`` as a Python int (a count) or float (a fraction), checked for type and NaN.
+
+    Any integral number (Python, numpy, a 0-d integer tensor) is a count, any other real
+    number (numpy floats, 0-d float tensors included) a fraction; bools and NaN are refused.
+
+    >>> as_amount(3), as_amount(torch.tensor(0.25))
+    (3, 0.25)
+    """
+    if isinstance(value, Tensor) and value.ndim == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a float in [0, 1] or an int count")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name}=nan must be a fraction in [0, 1] or an int count")
+    return value
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool too
+
+
+def amount_to_count(amount: object, total: int, *, name: str = "amount") -> int:
     """Turn an absolute ``amount`` (fraction or count) into a count of pruned items.
 
     A float is the fraction of ``total`` pruned afterwards, rounded with Python's
-    ``round`` (half to even); an int is the count itself.
+    ``round`` (half to even); an int is the count itself (see :func:`as_amount` for
+    what counts as either).
 
     >>> amount_to_count(0.9, 10), amount_to_count(3, 10)
     (9, 3)
     """
-    if isinstance(amount, bool) or not isinstance(amount, int | float):
-        raise TypeError(f"{name}={amount!r} must be a float in [0, 1] or an int count")
-    if isinstance(amount, int):
-        if not 0 <= amount <= total:
-            raise ValueError(f"{name}={amount} must be a count in [0, {total}]")
-        return amount
-    if math.isnan(amount) or not 0.0 <= amount <= 1.0:
-        raise ValueError(f"{name}={amount} must be a fraction in [0, 1]")
-    return round(amount * total)
+    value = as_amount(amount, name)
+    if isinstance(value, int):
+        if not 0 <= value <= total:
+            raise ValueError(f"{name}={value} must be a count in [0, {total}]")
+        return value
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must be a fraction in [0, 1]")
+    return round(value * total)
 
 
 def check_fraction(value: object, name: str) -> float:
-    """Require a number in [0, 1] (not NaN, not a bool).
+    """Require a real number in [0, 1] (not NaN, not a bool); numpy scalars are fine.
 
     >>> check_fraction(0.5, "amount")
     0.5
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, Tensor) and value.ndim == 0 and value.dtype != torch.bool:
+        value = value.item()
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a float in [0, 1]")
+    value = float(value)
     if math.isnan(value) or not 0 <= value <= 1:
         raise ValueError(f"{name}={value} must be in [0, 1]")
-    return float(value)
+    return value
 
 
 def check_tensor(t: object, name: str = "t") -> Tensor:
