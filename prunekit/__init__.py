@@ -31,6 +31,13 @@ from prunekit._masks import (
 )
 from prunekit._pruner import DEFAULT_MODULE_TYPES, Pruner
 from prunekit._report import SparsityReport, TargetSparsity
+from prunekit._sparse import (
+    compress_state_dict,
+    decompress_state_dict,
+    load_sparse,
+    save_sparse,
+    to_semi_structured,
+)
 from prunekit._state import pack_mask, unpack_mask
 
 __all__ = [
@@ -48,10 +55,13 @@ __all__ = [
     "UnsupportedModelError",
     "compact",
     "compaction_report",
+    "compress_state_dict",
+    "decompress_state_dict",
     "get_method",
     "global_magnitude_masks",
     "list_methods",
     "ln_structured_mask",
+    "load_sparse",
     "magnitude_mask",
     "model_cost",
     "nm_mask",
@@ -61,5 +71,7 @@ __all__ = [
     "random_mask",
     "random_structured_mask",
     "register_method",
+    "save_sparse",
+    "to_semi_structured",
     "unpack_mask",
 ]
