@@ -101,6 +101,7 @@ class Case:
     dtype: torch.dtype = torch.float32  # the weights' dtype
     micro_batches: int = 1  # gradient accumulation
     clip: Callable[[Iterable[nn.Parameter]], Any] | None = None
+    targets: Any = None  # the Pruner's targets
 
 
 PLAIN = {
@@ -122,8 +123,10 @@ PLAIN = {
         clip=lambda p: nn.utils.clip_grad_value_(p, 0.01),
     ),
     "two-optimizers": Case(split, clip=lambda p: nn.utils.clip_grad_norm_(p, 0.5)),
-    "tied-embedding-head": Case(
-        one(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)), model=TiedLM
+    "tied-embedding-head": Case(  # embeddings are dense by default: ask for the tied head
+        one(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)),
+        model=TiedLM,
+        targets=[nn.Linear],
     ),
     "tied-shared-block": Case(
         one(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)), model=SharedBlock, autocast=True
@@ -144,7 +147,7 @@ def check_optimizer_state(pruner: Pruner, optimizers: list[torch.optim.Optimizer
 def test_plain_loop_invariants(case: Case) -> None:
     model = case.model().to(case.dtype)
     optimizers = case.optimizers(model)
-    pruner = Pruner(model)
+    pruner = Pruner(model, targets=case.targets)
     for optimizer in optimizers:
         pruner.attach(optimizer)
     history, target = MaskHistory(), 0.0
