@@ -1,7 +1,10 @@
-"""A registry of small classifiers for 1x28x28 inputs (Fashion-MNIST), 10 classes by default.
+"""A registry of small image classifiers, built for the data's input shape and classes.
 
-Register a factory with :func:`register_model`, list names with :func:`list_models`,
-build with :func:`build_model`. Parameters have readable, flat names (``conv1.weight``,
+Every model takes ``input_shape`` (channels, height, width; default 1x28x28, Fashion-MNIST)
+and ``num_classes`` (default 10); the runners pass the data module's. Register a factory
+with :func:`register_model`, list names with :func:`list_models`, build with
+:func:`build_model`; a factory registered or given by import path is called with those
+two keyword arguments (plus its own options). Parameters have readable, flat names (``conv1.weight``,
 ``fc3.weight``; ResNet-20 follows torchvision: ``layer2.0.conv1.weight``), and every
 model names its output layer in the class attribute ``output_layer`` (lottery-ticket
 plans prune it at a lower rate); :func:`output_layer_name` reads it.
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
+from prunekit.experiments.imports import import_object
 from torch import nn
 
 __all__ = [
@@ -87,14 +91,27 @@ def list_models() -> list[str]:
 def build_model(name: str, **kwargs: object) -> nn.Module:
     """Build the model registered as ``name``, passing ``kwargs`` to its factory.
 
-    An unknown name raises ``ValueError`` listing the valid names and the closest match.
+    ``name`` may also be an import path (``package.module.Class``, a class or factory of
+    a user's own model, omegaconf ``_target_`` style); the runners call it, like the
+    registered ones, with ``num_classes`` and ``input_shape``. An unknown name raises
+    ``ValueError`` listing the valid names and the closest match.
 
     >>> build_model("lenet5", num_classes=5)(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 5])
+    >>> build_model("conv4", num_classes=3, input_shape=(3, 32, 32))(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 3])
     >>> build_model("lenet_300")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: unknown model name='lenet_300'; did you mean 'lenet_300_100'? Valid names: ...
     """
+    if isinstance(name, str) and name not in _REGISTRY and "." in name.strip("."):
+        factory = import_object(name, "model")
+        if not callable(factory):
+            raise ValueError(f"model={name!r} is not a class or factory")
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={name!r} made a {type(model).__name__}, not an nn.Module")
+        return model
     try:
         factory = _REGISTRY[name]
     except (KeyError, TypeError):
@@ -137,21 +154,45 @@ def _check_num_classes(num_classes: int) -> int:
     return num_classes
 
 
+Shape = tuple[int, int, int]
+_FASHION: Shape = (1, 28, 28)
+
+
+def _check_input_shape(input_shape: Sequence[int], min_side: int = 1) -> Shape:
+    """``(channels, height, width)``, positive ints, each side at least ``min_side``."""
+    valid = (
+        isinstance(input_shape, tuple | list)
+        and len(input_shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)
+    )
+    if not valid:
+        raise ValueError(
+            f"input_shape={input_shape!r} must be (channels, height, width), positive ints"
+        )
+    c, h, w = input_shape
+    if min(h, w) < min_side:
+        raise ValueError(f"input_shape={input_shape!r}: height and width must be >= {min_side}")
+    return int(c), int(h), int(w)
+
+
 class LeNet300100(nn.Sequential):
-    """LeNet-300-100: Flatten → fc1 784→300 → ReLU → fc2 300→100 → ReLU → fc3 100→classes.
+    """LeNet-300-100: Flatten → fc1 C·H·W→300 → ReLU → fc2 300→100 → ReLU → fc3 100→classes.
 
     >>> sum(p.numel() for p in LeNet300100().parameters())
     266610
+    >>> LeNet300100(input_shape=(3, 32, 32)).fc1.in_features
+    3072
     """
 
     output_layer = "fc3"
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, input_shape: Shape = _FASHION) -> None:
         num_classes = _check_num_classes(num_classes)
+        c, h, w = _check_input_shape(input_shape)
         super().__init__(
             OrderedDict(
                 flatten=nn.Flatten(),
-                fc1=nn.Linear(28 * 28, 300),
+                fc1=nn.Linear(c * h * w, 300),
                 relu1=nn.ReLU(),
                 fc2=nn.Linear(300, 100),
                 relu2=nn.ReLU(),
@@ -161,29 +202,33 @@ class LeNet300100(nn.Sequential):
 
 
 class LeNet5(nn.Sequential):
-    """LeNet-5 for 28x28 inputs, with ReLU and max-pooling (the usual modern variant).
+    """LeNet-5 with ReLU and max-pooling (the usual modern variant), any input size >= 12.
 
-    conv1 1→6 5x5 pad 2 (28x28) → pool (14) → conv2 6→16 5x5 (10) → pool (5) →
-    fc1 400→120 → fc2 120→84 → fc3 84→classes.
+    On 1x28x28: conv1 1→6 5x5 pad 2 (28x28) → pool (14) → conv2 6→16 5x5 (10) → pool (5)
+    → fc1 400→120 → fc2 120→84 → fc3 84→classes.
 
     >>> sum(p.numel() for p in LeNet5().parameters())
     61706
+    >>> LeNet5(input_shape=(3, 32, 32)).fc1.in_features  # 16 x 6 x 6
+    576
     """
 
     output_layer = "fc3"
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, input_shape: Shape = _FASHION) -> None:
         num_classes = _check_num_classes(num_classes)
+        c, h, w = _check_input_shape(input_shape, min_side=12)
+        h, w = (h // 2 - 4) // 2, (w // 2 - 4) // 2
         super().__init__(
             OrderedDict(
-                conv1=nn.Conv2d(1, 6, kernel_size=5, padding=2),
+                conv1=nn.Conv2d(c, 6, kernel_size=5, padding=2),
                 relu1=nn.ReLU(),
                 pool1=nn.MaxPool2d(2),
                 conv2=nn.Conv2d(6, 16, kernel_size=5),
                 relu2=nn.ReLU(),
                 pool2=nn.MaxPool2d(2),
                 flatten=nn.Flatten(),
-                fc1=nn.Linear(16 * 5 * 5, 120),
+                fc1=nn.Linear(16 * h * w, 120),
                 relu3=nn.ReLU(),
                 fc2=nn.Linear(120, 84),
                 relu4=nn.ReLU(),
@@ -193,24 +238,29 @@ class LeNet5(nn.Sequential):
 
 
 class ConvNet(nn.Sequential):
-    """Conv-2/4/6 of Frankle & Carbin (2019), for 1x28x28 inputs.
+    """Conv-2/4/6 of Frankle & Carbin (2019), for any input of side >= 2**num_pairs.
 
     ``num_pairs`` pairs of 3x3 convolutions (padding 1, ReLU) with 64, 128, 256 channels,
-    each pair followed by 2x2 max-pooling (28 → 14 → 7 → 3), then fc1 →256 → fc2 256→256
-    → fc3 256→classes. Layers are named conv1..conv{2 * num_pairs}, fc1..fc3.
+    each pair followed by 2x2 max-pooling (28 → 14 → 7 → 3 on Fashion-MNIST), then fc1
+    →256 → fc2 256→256 → fc3 256→classes. Layers are named conv1..conv{2 * num_pairs},
+    fc1..fc3.
 
     >>> ConvNet(3).fc1.in_features  # 256 channels x 3 x 3
     2304
+    >>> ConvNet(2, input_shape=(3, 32, 32)).conv1.in_channels, ConvNet(2, input_shape=(3, 32, 32)).fc1.in_features
+    (3, 8192)
     """
 
     output_layer = "fc3"
 
-    def __init__(self, num_pairs: int, num_classes: int = 10) -> None:
+    def __init__(
+        self, num_pairs: int, num_classes: int = 10, input_shape: Shape = _FASHION
+    ) -> None:
         if num_pairs not in (1, 2, 3):
             raise ValueError(f"num_pairs={num_pairs!r} must be 1, 2 or 3 (Conv-2/4/6)")
         num_classes = _check_num_classes(num_classes)
+        in_channels, height, width = _check_input_shape(input_shape, min_side=2**num_pairs)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        in_channels, size = 1, 28
         for pair in range(num_pairs):
             out_channels = 64 * 2**pair
             for k in (2 * pair + 1, 2 * pair + 2):
@@ -218,9 +268,9 @@ class ConvNet(nn.Sequential):
                 layers[f"relu{k}"] = nn.ReLU()
                 in_channels = out_channels
             layers[f"pool{pair + 1}"] = nn.MaxPool2d(2)
-            size //= 2
+            height, width = height // 2, width // 2
         layers["flatten"] = nn.Flatten()
-        layers["fc1"] = nn.Linear(in_channels * size * size, 256)
+        layers["fc1"] = nn.Linear(in_channels * height * width, 256)
         layers["relu_fc1"] = nn.ReLU()
         layers["fc2"] = nn.Linear(256, 256)
         layers["relu_fc2"] = nn.ReLU()
@@ -277,10 +327,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR-style ResNet-20 (He et al. 2016) for 1-channel 28x28 inputs.
+    """CIFAR-style ResNet-20 (He et al. 2016), any input size (global average pooling).
 
-    conv1 3x3 1→16 + BN + ReLU, three stages (``layer1..3``) of three basic blocks with
-    16, 32, 64 channels (28 → 14 → 7), global average pooling, ``fc`` 64→classes.
+    conv1 3x3 C→16 + BN + ReLU, three stages (``layer1..3``) of three basic blocks with
+    16, 32, 64 channels (28 → 14 → 7 on Fashion-MNIST), global average pooling, ``fc``
+    64→classes.
 
     >>> sum(p.numel() for p in ResNet20().parameters())
     269434
@@ -288,10 +339,16 @@ class ResNet20(nn.Module):
 
     output_layer = "fc"
 
-    def __init__(self, num_classes: int = 10, shortcut: Literal["A", "B"] = "A") -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        shortcut: Literal["A", "B"] = "A",
+        input_shape: Shape = _FASHION,
+    ) -> None:
         super().__init__()
         num_classes = _check_num_classes(num_classes)
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        channels = _check_input_shape(input_shape)[0]
+        self.conv1 = nn.Conv2d(channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = self._stage(16, 16, 1, shortcut)
         self.layer2 = self._stage(16, 32, 2, shortcut)
@@ -315,60 +372,62 @@ class ResNet20(nn.Module):
 
 
 @register_model("lenet_300_100")
-def lenet_300_100(num_classes: int = 10) -> LeNet300100:
+def lenet_300_100(num_classes: int = 10, input_shape: Shape = _FASHION) -> LeNet300100:
     """LeNet-300-100 (266,610 parameters at 10 classes).
 
     >>> lenet_300_100().fc3.out_features
     10
     """
-    return LeNet300100(num_classes)
+    return LeNet300100(num_classes, input_shape)
 
 
 @register_model("lenet5")
-def lenet5(num_classes: int = 10) -> LeNet5:
+def lenet5(num_classes: int = 10, input_shape: Shape = _FASHION) -> LeNet5:
     """LeNet-5 adapted to 28x28 (61,706 parameters at 10 classes).
 
     >>> lenet5().conv1.out_channels
     6
     """
-    return LeNet5(num_classes)
+    return LeNet5(num_classes, input_shape)
 
 
 @register_model("conv2")
-def conv2(num_classes: int = 10) -> ConvNet:
+def conv2(num_classes: int = 10, input_shape: Shape = _FASHION) -> ConvNet:
     """Conv-2: 64, 64, pool; fc 256, 256, classes.
 
     >>> conv2().fc1.in_features  # 64 x 14 x 14
     12544
     """
-    return ConvNet(1, num_classes)
+    return ConvNet(1, num_classes, input_shape)
 
 
 @register_model("conv4")
-def conv4(num_classes: int = 10) -> ConvNet:
+def conv4(num_classes: int = 10, input_shape: Shape = _FASHION) -> ConvNet:
     """Conv-4: 64, 64, pool, 128, 128, pool; fc 256, 256, classes.
 
     >>> conv4().fc1.in_features  # 128 x 7 x 7
     6272
     """
-    return ConvNet(2, num_classes)
+    return ConvNet(2, num_classes, input_shape)
 
 
 @register_model("conv6")
-def conv6(num_classes: int = 10) -> ConvNet:
+def conv6(num_classes: int = 10, input_shape: Shape = _FASHION) -> ConvNet:
     """Conv-6: 64, 64, pool, 128, 128, pool, 256, 256, pool; fc 256, 256, classes.
 
     >>> conv6().fc1.in_features  # 256 x 3 x 3
     2304
     """
-    return ConvNet(3, num_classes)
+    return ConvNet(3, num_classes, input_shape)
 
 
 @register_model("resnet20")
-def resnet20(num_classes: int = 10, shortcut: Literal["A", "B"] = "A") -> ResNet20:
+def resnet20(
+    num_classes: int = 10, shortcut: Literal["A", "B"] = "A", input_shape: Shape = _FASHION
+) -> ResNet20:
     """ResNet-20 with option-A (zero-pad, default) or option-B (1x1 conv) shortcuts.
 
     >>> resnet20(shortcut="B").layer2[0].downsample is not None
     True
     """
-    return ResNet20(num_classes, shortcut)
+    return ResNet20(num_classes, shortcut, input_shape)

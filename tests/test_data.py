@@ -201,6 +201,7 @@ def test_datamodule_hparams_load_with_weights_only(tmp_path: Path) -> None:
         "seed": 0,
         "subset": 10,
         "num_workers": 0,
+        "eval_batch_size": 1000,
     }
 
 
@@ -244,11 +245,12 @@ def test_datamodule_on_real_data() -> None:
     other.setup("fit")
     assert not torch.equal(other.val_set.tensors[1], dm.val_set.tensors[1])  # type: ignore[union-attr]
 
-    # validation and test loaders keep the stored order
+    # validation and test loaders keep the stored order, eval_batch_size (1000) at a time
     _, yv = next(iter(dm.val_dataloader()))  # type: ignore[arg-type]
-    assert torch.equal(yv, dm.val_set.tensors[1][:64])
+    assert torch.equal(yv, dm.val_set.tensors[1][:1000])
     _, yt = next(iter(dm.test_dataloader()))
-    assert torch.equal(yt, ds.test_labels[:64])
+    assert torch.equal(yt, ds.test_labels[:1000])
+    assert len(dm.test_dataloader()) == 10 and len(dm.val_dataloader()) == 5  # type: ignore[arg-type]
 
 
 def epoch_order(dm: FashionMNISTDataModule, epoch: int) -> list[int]:
