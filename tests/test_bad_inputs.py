@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -278,6 +279,35 @@ def resume_other_targets(ctx: Ctx) -> Callable[[], object]:
     return lambda: fit.fit(ctx.model, loader(), ckpt_path=str(path))
 
 
+def resume_with(saved: dict[str, Any], **kwargs: Any) -> Prepare:
+    """Resume a checkpoint written by ``Pruning(Constant(0.5), **saved)`` with ``Pruning(Constant(0.5), **kwargs)``."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        folder = ctx.root / "ckpt"
+        fit = trainer(max_steps=2, callbacks=[*_prunings(saved), ModelCheckpoint(folder, filename="last")], enable_checkpointing=True, default_root_dir=folder)
+        fit.fit(TinyNet(), loader())
+        ctx.model = TinyNet()
+        fit = trainer(max_steps=4, callbacks=_prunings(kwargs), default_root_dir=ctx.out)
+        return lambda: fit.fit(ctx.model, loader(), ckpt_path=str(folder / "last.ckpt"))
+
+    return prepare
+
+
+def _prunings(kwargs: dict[str, Any]) -> list[Pruning]:
+    """One Pruning callback, or one per entry of ``kwargs['names']``."""
+    names = kwargs.pop("names", None)
+    if names is None:
+        return [Pruning(Constant(0.5), **kwargs)]
+    return [Pruning(Constant(0.5), name=n, targets=t, **kwargs) for n, t in names]
+
+
+def two_unnamed(ctx: Ctx) -> Callable[[], object]:
+    ctx.model = TinyNet()
+    fit = trainer(max_steps=2, callbacks=[Pruning(Constant(0.5), targets="net.0.weight")], default_root_dir=ctx.out)
+    fit.callbacks.append(Pruning(Constant(0.5), targets="net.2.weight"))  # after the Trainer's own check
+    return lambda: fit.fit(ctx.model, loader())
+
+
 def fit_helper_truncated(ctx: Ctx) -> Callable[[], object]:
     from prunekit.experiments.module import Classifier
 
@@ -314,6 +344,75 @@ def other_model_state(pruner: Pruner) -> None:
     pruner.load_state_dict(
         Pruner(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))).state_dict()
     )
+
+
+def corrupt_state(how: str) -> Callable[[Pruner], object]:
+    """load_state_dict of this Pruner's own state (pruned to 0.5 first), corrupted ``how``."""
+
+    def load(pruner: Pruner) -> None:
+        state = pruner.state_dict()
+        entry = state["masks"]["2.weight"]  # 24 entries: three full bytes
+        last = state["masks"]["4.weight"]  # 8 entries... 4x2: one full byte
+        first = state["masks"]["0.weight"]  # 48 entries
+        del last, first
+        if how == "updates":
+            state["updates"] = "3"
+        elif how == "updates-negative":
+            state["updates"] = -2
+        elif how == "format":
+            state["format"] = 2
+        elif how == "list":
+            entry["packed"] = entry["packed"].tolist()
+        elif how == "dtype":
+            entry["packed"] = entry["packed"].to(torch.int32)
+        elif how == "shape-strings":
+            entry["shape"] = ["4", "6"]
+        elif how == "entry":
+            state["masks"]["2.weight"] = entry["packed"]
+        elif how == "masks-list":
+            state["masks"] = list(state["masks"].values())
+        pruner.load_state_dict(state)
+
+    return load
+
+
+def padding_bits(ctx: Ctx) -> Callable[[], object]:
+    """A state whose last packed byte has a bit set past the mask's 15 entries."""
+    ctx.model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    pruner = Pruner(ctx.model)
+    pruner.prune_to(0.5)
+    state = pruner.state_dict()
+    state["masks"]["0.weight"]["packed"][-1] |= 0x80
+    return lambda: pruner.load_state_dict(state)
+
+
+def tied_model(ctx: Ctx) -> nn.Module:
+    ctx.model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    ctx.model[1].weight = ctx.model[0].weight
+    return ctx.model
+
+
+def parametrized(ctx: Ctx, kind: str) -> nn.Module:
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    ctx.model = nn.Sequential(getattr(parametrizations, kind)(nn.Linear(8, 6)), nn.Linear(6, 2))
+    return ctx.model
+
+
+def replaced(ctx: Ctx, how: str) -> Callable[[], object]:
+    """A Pruner built, then the model's 2.weight replaced (``how``) before its next use."""
+    pruner = Pruner(ctx.model)
+    pruner.prune_to(0.5)
+    if how == "shape":
+        ctx.model[2].weight = nn.Parameter(torch.ones(3, 6))
+    else:
+        del ctx.model[2].weight
+    return lambda: pruner.prune_to(0.6)
+
+
+class NotAnOptimizer:
+    optimizer = "sgd"  # an object wrapping something that is not an optimizer
 
 
 # ------------------------------------------------------------------ catalogue
@@ -375,6 +474,33 @@ CATALOGUE: list[Bad] = [
     Bad("state-not-a-state", "a dict without masks", "Pruner.load_state_dict", V, r"state is not a Pruner state_dict \(no 'masks' entry\)", on_pruner(lambda p: p.load_state_dict({"weights": {}}))),
     Bad("state-corrupt-packed", "a packed mask one byte short", "Pruner.load_state_dict", V, r"packed mask has 5 torch\.uint8 bytes; shape \(6, 8\) needs 6", on_pruner(bad_packed)),
     Bad("pruner-removed", "prune_to after remove()", "Pruner.prune_to", RuntimeError, r"this Pruner was removed; create a new one", on_pruner(lambda p: p.prune_to(0.5), setup=lambda p: p.remove())),
+    Bad("prune-to-count-too-large", "sparsity=81 for 80 target weights", "Pruner.prune_to", V, r"sparsity=81 must be a count in \[0, 80\]", on_pruner(lambda p: p.prune_to(81))),
+    Bad("prune-to-negative-count", "sparsity=-3", "Pruner.prune_to", V, r"sparsity=-3 must be a count >= 0", on_pruner(lambda p: p.prune_to(-3))),
+    Bad("prune-to-numpy-bool", "sparsity=np.bool_(True)", "Pruner.prune_to", Ty, r"sparsity=(np\.)?True_? must be a float .* not a bool", on_pruner(lambda p: p.prune_to(np.bool_(True)))),
+    Bad("prune-to-numpy-nan", "sparsity=np.float64(nan)", "Pruner.prune_to", V, r"sparsity=nan must be a fraction", on_pruner(lambda p: p.prune_to(np.float64("nan")))),
+    Bad("prune-to-tensor", "sparsity=torch.ones(2) (not a 0-d tensor)", "Pruner.prune_to", Ty, r"sparsity=tensor\(\[1\., 1\.\]\) must be a float in \[0, 1\] or an int count", on_pruner(lambda p: p.prune_to(torch.ones(2)))),
+    Bad("prune-to-scores-inf", "an inf in a target's scores", "Pruner.prune_to(scores=...)", V, r"scores\['0\.weight'\] holds 1 NaN or inf", on_pruner(lambda p: p.prune_to(0.5, scores={"0.weight": torch.tensor([math.inf] + [1.0] * 47).view(6, 8)}), scope="layer")),
+    Bad("prune-to-scores-shape", "scores of another shape", "Pruner.prune_to(scores=...)", V, r"scores\['0\.weight'\] has shape \(8, 6\), expected \(6, 8\)", on_pruner(lambda p: p.prune_to(0.5, scores={"0.weight": torch.ones(8, 6)}), scope="layer")),
+    Bad("pruner-spec-type", "targets={'0.weight': 3}", "Pruner(targets={...})", Ty, r"targets\['0\.weight'\]=3 must be None, a method name or a dict", on_mlp(lambda m: Pruner(m, targets={"0.weight": 3}))),
+    Bad("pruner-spec-option", "a spec with an option its method lacks", "Pruner(targets={...})", V, r"targets\['0\.weight'\]: option\(s\) \['n'\] are not options of method='magnitude'", on_mlp(lambda m: Pruner(m, targets={"0.weight": {"n": 2}}))),
+    Bad("pruner-tied-two-specs", "one tied weight given two settings", "Pruner(targets={...})", V, r"'0\.weight' and '1\.weight' are one tied parameter with two different settings: targets\['0\.weight'\]='magnitude' and targets\['1\.weight'\]='random'", lambda ctx: (lambda m: lambda: Pruner(m, scope="layer", targets={"0.weight": "magnitude", "1.weight": "random"}))(tied_model(ctx))),
+    Bad("pruner-parametrized", "a spectral_norm layer among the default targets", "Pruner", V, r"0\.weight is computed by the parametrization\(s\) \['_SpectralNorm'\].*exclude='0\.parametrizations\.weight\.original\*'", lambda ctx: (lambda m: lambda: Pruner(m))(parametrized(ctx, "spectral_norm"))),
+    Bad("prune-to-weight-norm-row", "a sparsity that would prune a whole row of a weight_norm direction", "Pruner.prune_to", V, r"0\.parametrizations\.weight\.original1 is the direction v of weight_norm\(0\.weight\); pruning would zero \d+ whole slice", lambda ctx: (lambda m: lambda: Pruner(m).prune_to(0.99))(parametrized(ctx, "weight_norm"))),
+    Bad("set-masks-weight-norm-row", "a custom mask pruning a whole row of a weight_norm direction", "Pruner.set_masks", V, r"direction v of weight_norm\(0\.weight\); pruning would zero 1 whole slice", lambda ctx: (lambda m: lambda: Pruner(m).set_masks({"0.parametrizations.weight.original1": torch.arange(48).view(6, 8) >= 8}))(parametrized(ctx, "weight_norm"))),
+    Bad("set-masks-not-mapping", "a list of masks", "Pruner.set_masks", Ty, r"masks must be a mapping from target name to bool mask, got list", on_pruner(lambda p: p.set_masks([torch.ones(6, 8, dtype=torch.bool)]))),
+    Bad("set-masks-typo", "masks={'0.wieght': ...}", "Pruner.set_masks", V, r"masks names '0\.wieght', not a target \(did you mean '0\.weight'", on_pruner(lambda p: p.set_masks({"0.wieght": torch.ones(6, 8, dtype=torch.bool)}))),
+    Bad("attach-wrapper-not-optimizer", "an object whose .optimizer is not an optimizer", "Pruner.attach", Ty, r"optimizer must be a torch\.optim\.Optimizer, got NotAnOptimizer", on_pruner(lambda p: p.attach(NotAnOptimizer()))),
+    Bad("replaced-other-shape", "2.weight replaced by a parameter of another shape", "Pruner.prune_to", RuntimeError, r"parameter '2\.weight' was replaced by one of shape \(3, 6\); its mask has shape \(4, 6\)", lambda ctx: replaced(ctx, "shape")),
+    Bad("replaced-removed", "2.weight deleted from the model", "Pruner.prune_to", RuntimeError, r"target '2\.weight' is no longer a parameter of the model", lambda ctx: replaced(ctx, "removed")),
+    Bad("state-updates-type", "updates='3'", "Pruner.load_state_dict", Ty, r"state_dict updates='3' must be an int", on_pruner(corrupt_state("updates"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-updates-negative", "updates=-2", "Pruner.load_state_dict", V, r"state_dict updates=-2 must be >= 0", on_pruner(corrupt_state("updates-negative"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-format", "format=2", "Pruner.load_state_dict", V, r"state_dict format=2 is not 1", on_pruner(corrupt_state("format"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-packed-list", "a packed mask given as a list", "Pruner.load_state_dict", Ty, r"state_dict mask '2\.weight': packed mask must be a torch\.uint8 tensor, got list", on_pruner(corrupt_state("list"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-packed-dtype", "a packed mask of int32", "Pruner.load_state_dict", V, r"state_dict mask '2\.weight': packed mask has 3 torch\.int32 bytes", on_pruner(corrupt_state("dtype"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-padding-bits", "a bit set past the mask's entries in its last packed byte", "Pruner.load_state_dict", V, r"state_dict mask '0\.weight': packed mask has bits set past its 15 entries", padding_bits),
+    Bad("state-shape-strings", "shape=['4', '6']", "Pruner.load_state_dict", Ty, r"state_dict mask '2\.weight' has shape=\['4', '6'\]; need a list of ints", on_pruner(corrupt_state("shape-strings"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-entry", "a mask entry that is not a dict", "Pruner.load_state_dict", V, r"state_dict mask '2\.weight' must be a dict with 'shape' and 'packed'", on_pruner(corrupt_state("entry"), setup=lambda p: p.prune_to(0.5))),
+    Bad("state-masks-list", "masks given as a list", "Pruner.load_state_dict", Ty, r"state_dict masks must be a mapping, got list", on_pruner(corrupt_state("masks-list"), setup=lambda p: p.prune_to(0.5))),
     Bad("activation-amount", "amount=2.0", "ActivationPruning", V, r"amount=2\.0 must be in \[0, 1\]", on_mlp(lambda m: ActivationPruning(m[0], amount=2.0))),
     Bad("activation-method", "method='random'", "ActivationPruning", V, r"method='random' must be one of \('topk', 'channel'\)", on_mlp(lambda m: ActivationPruning(m[0], 0.5, method="random"))),
     # ---- schedules
@@ -401,7 +527,17 @@ CATALOGUE: list[Bad] = [
     Bad("callback-target-typo", "targets='net.1.weight' (a ReLU)", "Trainer.fit with Pruning", V, r"targets entry 'net\.1\.weight' matches no parameter of TinyNet \(did you mean", fit_tiny(lambda: Pruning(Constant(0.5), targets="net.1.weight"))),
     Bad("callback-no-prunable", "a LightningModule with nothing to prune", "Trainer.fit with Pruning", V, r"no parameter of .* is left to prune", fit_tiny(lambda: Pruning(Constant(0.5), exclude="net.*"))),
     Bad("callback-nan-weights", "NaN weights when the first update comes", "Trainer.fit with Pruning", V, r"net\.2\.weight holds NaN or inf values", fit_tiny(lambda: Pruning(Constant(0.5)), model=lambda: _nan_tinynet())),
-    Bad("resume-other-schedule", "resuming with another schedule", "Trainer.fit(ckpt_path=...)", V, r"the checkpoint was written with schedule .* resume with the same schedule", resume_other_schedule, loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-schedule", "resuming with another schedule", "Trainer.fit(ckpt_path=...)", V, r"the checkpoint was written with schedule=.* resume with the same schedule", resume_other_schedule, loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-method", "resuming with method='random' a run pruned by magnitude", "Trainer.fit(ckpt_path=...)", V, r"written with method='magnitude'; this Pruning callback has method='random'; resume with the same method", resume_with({}, method="random"), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-scope", "resuming with scope='layer' a globally pruned run", "Trainer.fit(ckpt_path=...)", V, r"written with scope='global'; this Pruning callback has scope='layer'; resume with the same scope", resume_with({}, scope="layer"), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-targets-argument", "resuming with targets=['net.0.weight']", "Trainer.fit(ckpt_path=...)", V, r"written with targets=\['net\.0\.weight', 'net\.2\.weight', 'net\.4\.weight'\]; this Pruning callback has targets=\['net\.0\.weight'\]; resume with the same targets", resume_with({}, targets=["net.0.weight"]), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-unit", "resuming with unit='epoch' a step-level run", "Trainer.fit(ckpt_path=...)", V, r"written with unit='step'; this Pruning callback has unit='epoch'; resume with the same unit", resume_with({}, unit="epoch"), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-seed", "resuming with seed=1 a run seeded 0", "Trainer.fit(ckpt_path=...)", V, r"written with seed=0; this Pruning callback has seed=1; resume with the same seed", resume_with({"method": "random"}, method="random", seed=1), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-other-options", "resuming ln_structured with dim=1 a run pruned along dim=0", "Trainer.fit(ckpt_path=...)", V, r"written with options=\{'dim': 0\}; this Pruning callback has options=\{'dim': 1\}; resume with the same options", resume_with({"method": "ln_structured", "scope": "layer", "options": {"dim": 0}}, method="ln_structured", scope="layer", options={"dim": 1}), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("resume-ambiguous-entries", "two named Pruning entries, resumed by one unnamed callback", "Trainer.fit(ckpt_path=...)", V, r"the checkpoint holds 2 Pruning entries .* none under this callback's state_key='Pruning'; give each callback the name= it was saved with", resume_with({"names": [("a", "net.0.weight"), ("b", "net.2.weight")]}), loads_checkpoint="ckpt/last.ckpt"),
+    Bad("callback-two-unnamed", "two unnamed Pruning callbacks (the second added after the Trainer was built)", "Trainer.fit with Pruning", V, r"two Pruning callbacks in one Trainer share state_key='Pruning'.*give each a distinct name=", two_unnamed),
+    Bad("callback-name-empty", "name=''", "Pruning", Ty, r"name='' must be a non-empty str or None", lambda ctx: lambda: Pruning(Constant(0.5), name="")),
+    Bad("callback-scope", "scope='net'", "Pruning", V, r"scope='net' must be one of \('global', 'layer'\)", lambda ctx: lambda: Pruning(Constant(0.5), scope="net")),
     Bad("resume-other-targets", "a checkpoint whose masks are for other targets", "Trainer.fit(ckpt_path=...)", V, r"state_dict belongs to another model or target set: missing \['net\.4\.weight'\]", resume_other_targets, loads_checkpoint="ckpt/last.ckpt"),
     Bad("resume-truncated", "a truncated .ckpt file as ckpt_path", "experiments.training.fit", V, r"ckpt_path='.*last\.ckpt' is not a complete checkpoint \(truncated or corrupt", fit_helper_truncated),
     # ---- configs
