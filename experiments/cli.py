@@ -3,6 +3,7 @@
 prunekit run     experiments/configs/quick_gradual.yaml [key=value ...]
 prunekit lottery experiments/configs/quick_lottery.yaml [key=value ...]
 prunekit report  RUN_DIR [RUN_DIR ...] [--plot comparison.png]
+prunekit export  RUN_DIR --compact | --sparse
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from prunekit.experiments import report
+from prunekit.experiments import export, report
 from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
 from prunekit.experiments.paths import RunPaths
 
@@ -38,12 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("report", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run folders")
     cmp.add_argument("--plot", type=Path, default=None, help="write a combined plot here (PNG)")
+    export.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "export":
+            return export.main(args)
         if args.command == "report":
             print(report.compare(args.runs, args.plot))
             return 0

@@ -68,6 +68,14 @@ class RunPaths:
     sparsity_plot = property(lambda self: self.root / "sparsity.png")
     accuracy_plot = property(lambda self: self.root / "accuracy.png")
     logs = property(lambda self: self.root / "logs")
+    #: ``prunekit export``: the compacted model, the compressed weights, and the
+    #: before/after record of each export mode
+    compact_model = property(lambda self: self.root / "compact.pt")
+    sparse_weights = property(lambda self: self.root / "final.sparse.pt")
+
+    def export_record(self, mode: str) -> Path:
+        return self.root / f"export_{mode}.json"
+
     #: lottery runs: the initial weights (the state_dict every round-0 start and
     #: rewind=init round loads) and, for rewind=step, the Lightning checkpoint taken
     #: after rewind_step steps of round 0 (weights, optimizer, LR scheduler, loop state).
