@@ -763,6 +763,10 @@ class Pruner:
                 "optimizer over the new ones)"
             )
         self._cache_masks = cache_masks
+        self._attach(optimizer)
+        return self
+
+    def _attach(self, optimizer: torch.optim.Optimizer) -> None:
         attached = _Attached(optimizer, [], _Held([], [], ()))
         attached.handles.append(optimizer.register_step_post_hook(self._step_hook(attached)))
         attached.handles.append(
@@ -865,8 +869,8 @@ class Pruner:
         for name, target in self._targets.items():
             param = copy.deepcopy(target.param, memo)  # the model's copy of it, via memo
             new._targets[name] = replace(target, param=param, options=copy.deepcopy(target.options, memo))
-        for attached in self._optimizers:
-            new.attach(copy.deepcopy(attached.optimizer, memo), cache_masks=self._cache_masks)
+        for attached in self._optimizers:  # even one that now holds none of the targets
+            new._attach(copy.deepcopy(attached.optimizer, memo))
         return new
 
     # ----------------------------------------------------------------- state
