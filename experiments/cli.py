@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from prunekit.experiments import export, report
 from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
-from prunekit.experiments.paths import RunPaths
+from prunekit.experiments.paths import RunFolderError, RunPaths
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,8 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting positionals (``key=value`` overrides, run folders) follow options,
+    as in ``prunekit run CONFIG --threads 1 key=value``: argparse stops filling a
+    ``nargs`` positional at the first option and would call the rest unrecognized."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        trailing = "overrides" if hasattr(args, "overrides") else "runs"
+        if not hasattr(args, trailing):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.command == "export":
             return export.main(args)
@@ -60,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(GradualConfig, args.config, args.overrides)
             summary = run_gradual(cfg)
             run = RunPaths.for_config(cfg).root
-            report.plot_sparsity(run, RunPaths(run).sparsity_plot)
+            if not RunPaths(run).sparsity_plot.is_file():  # else: a finished run, reported
+                report.plot_sparsity(run, RunPaths(run).sparsity_plot)
             print(report.gradual_table(summary))
         else:
             from prunekit.experiments.lottery import lottery_table, run_lottery
@@ -72,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lottery_table(summary))
         print(f"\nrun folder: {run}")
         return 0
-    except (ConfigError, FileNotFoundError, PermissionError) as e:
+    except (ConfigError, RunFolderError, OSError) as e:  # OSError: e.g. a full disk
         print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -105,6 +105,12 @@ class GradualConfig(ExperimentConfig):
     steps: int = _help(MISSING, "optimizer steps of the pruning phase")
     dense: DenseConfig = field(default_factory=DenseConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    checkpoint_every: int = _help(
+        500,
+        "save a resumable checkpoint of the running phase (dense or pruning) in the run "
+        "folder at the first validation at least this many steps after the last one; an "
+        "interrupted run continues from it when started again (0: never; not hashed)",
+    )
 
 
 REWIND_MODES = ("init", "step", "lr", "finetune")
@@ -181,6 +187,11 @@ def load_config(
         except OmegaConfBaseException as e:
             message = str(e).splitlines()[0]
             raise ConfigError(f"bad value for {e.full_key!r} ({where}): {message}") from None
+    try:  # every ${...} interpolation must resolve, to a value of the key's type
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"cannot resolve {e.full_key!r}: {message}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(
@@ -197,6 +208,12 @@ def check_config(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"{key}={value!r} {why}")
 
+    from prunekit.experiments.paths import check_name  # paths imports this module
+
+    try:
+        check_name(cfg.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(cfg.model in list_models(), "model", cfg.model, f"is not one of {list_models()}")
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "must be > 0")
@@ -210,6 +227,9 @@ def check_config(cfg: DictConfig) -> None:
     _check_sections(cfg)
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+        check(
+            cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0"
+        )
         check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
         check(
             cfg.pruning.unit in ("step", "epoch"),

@@ -16,6 +16,7 @@ from prunekit.experiments.config import ConfigError
 from prunekit.experiments.data import load_fashion_mnist
 from prunekit.experiments.models import build_model
 from prunekit.experiments.training import (
+    Checkpoints,
     Evaluations,
     classifier,
     datamodule,
@@ -23,15 +24,19 @@ from prunekit.experiments.training import (
     fit,
     progress,
 )
-from prunekit.schedules import from_dict
+from prunekit.schedules import Schedule, from_dict
 
 
 def run_gradual(cfg: DictConfig) -> dict[str, Any]:
-    """Run a gradual-pruning experiment; returns (and writes) its summary.
+    """Run (or continue, or report) a gradual-pruning experiment; returns its summary.
 
     The run folder holds ``config.yaml``, ``metrics.csv`` (pruning phase), ``dense.pt``
-    (reused by a re-run), ``final.pt`` (weights with their zeros), ``masks.pt`` and
-    ``summary.json``; plots are added by :mod:`prunekit.experiments.report`.
+    and ``dense.json`` (dense weights and their training time, reused by a re-run),
+    ``final.pt`` (weights with their zeros), ``masks.pt`` and ``summary.json``; plots
+    are added by :mod:`prunekit.experiments.report`. One process at a time works in a
+    run folder (``run.lock``). While a phase trains, ``resume_<phase>.ckpt`` is saved
+    every ``checkpoint_every`` steps; a run started again continues from it (and says
+    so). A finished run (its ``summary.json`` exists) is reported, not redone.
     """
     paths = P.RunPaths.for_config(cfg)
     load_fashion_mnist(
@@ -43,12 +48,28 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
     net = build_model(cfg.model)
     given = _load_dense_checkpoint(cfg.dense.checkpoint, net)  # also before anything is written
     P.check_writable(paths.root)
-    P.write_config(paths.config, cfg)
+    with P.locked(paths.root):
+        if paths.summary.is_file():
+            summary = P.read_json(paths.summary)
+            progress(f"run {paths.root}: already finished, reporting it (not run again)")
+            return summary
+        P.write_config(paths.config, cfg)
+        return _run(cfg, schedule, net, given, paths, started)
+
+
+def _run(
+    cfg: DictConfig,
+    schedule: Schedule,
+    net: torch.nn.Module,
+    given: dict[str, Any] | None,
+    paths: P.RunPaths,
+    started: float,
+) -> dict[str, Any]:
     dm = datamodule(cfg, cfg.seed)
     test_loader = dm.test_dataloader()
     progress(f"run {paths.root}")
 
-    dense_acc, dense_s = _dense_phase(cfg, net, dm, paths, given)
+    dense_acc, dense_s, dense_earlier = _dense_phase(cfg, net, dm, paths, given)
     pruning = Pruning(
         schedule,
         unit=cfg.pruning.unit,
@@ -62,19 +83,22 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
         options=OmegaConf.to_container(cfg.pruning.options),
         make_permanent=True,
     )
-    evaluations = Evaluations(test_loader, label="pruning ")
-    phase_start = time.perf_counter()
+    evaluations = Evaluations(test_loader, label="pruning ", resumable=True)
+    checkpoints = Checkpoints(paths.resume_checkpoint("pruning"), cfg.checkpoint_every)
     module = classifier(net, cfg.train, cfg.steps)
-    fit(
+    trainer = fit(
         module,
         dm,
         max_steps=cfg.steps,
         val_every=cfg.train.val_every,
         log_dir=paths.root,
         callbacks=[pruning, evaluations],
+        checkpoints=checkpoints,
     )
-    prune_s = time.perf_counter() - phase_start
+    prune_s = checkpoints.wall_s
     assert pruning.pruner is not None
+    # the schedule's time at the end, in its unit: the target the masks were last brought to
+    final_t = trainer.global_step if cfg.pruning.unit == "step" else trainer.current_epoch
     report = pruning.pruner.sparsity()
     _, final_acc = evaluate(net, test_loader)
     P.save_torch(paths.final_weights, net.state_dict())
@@ -82,6 +106,7 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
         paths.masks, {n.removeprefix("model."): m for n, m in pruning.pruner.masks.items()}
     )
     best = evaluations.best()
+    earlier = dense_earlier + checkpoints.wall_s_before  # spent by interrupted processes
     summary = {
         "kind": "gradual",
         "name": cfg.name,
@@ -97,13 +122,18 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
         "pruned_test_acc": final_acc,
         "pruned_test_acc_early_stop": best.test_acc,
         "early_stop_step": best.step,
-        "target_sparsity": schedule(cfg.steps),
+        "target_sparsity": schedule(final_t),
         "sparsity": report.fraction,
         "sparsity_per_layer": {n.removeprefix("model."): f for n, f in report.per_target().items()},
-        "wall_s": {"dense": dense_s, "pruning": prune_s, "total": time.perf_counter() - started},
+        "wall_s": {
+            "dense": dense_s,
+            "pruning": prune_s,
+            "total": time.perf_counter() - started + earlier,
+        },
         "evaluations": evaluations.as_dicts(),
     }
-    P.write_json(paths.summary, summary)
+    P.write_json(paths.summary, summary)  # last: its presence means "finished"
+    paths.resume_checkpoint("pruning").unlink(missing_ok=True)
     return summary
 
 
@@ -122,19 +152,20 @@ def _load_dense_checkpoint(path: str | None, net: torch.nn.Module) -> dict[str, 
         raise ConfigError(
             f"{where} cannot be loaded (truncated or not a state_dict?): {reason}"
         ) from None
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{where} is not a state_dict (a dict of tensors)")
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        missing, unexpected = (
-            sorted(expected.keys() - got.keys()),
-            sorted(got.keys() - expected.keys()),
-        )
-        shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-        raise ConfigError(
-            f"{where} does not fit model={type(net).__name__}: missing {missing}, "
-            f"unexpected {unexpected}, other shapes {shapes}"
+    problem = P.state_dict_mismatch(state, net.state_dict())
+    if problem is not None:
+        raise ConfigError(f"{where} does not fit model={type(net).__name__}: {problem}")
+    return state
+
+
+def _own_dense_weights(paths: P.RunPaths, net: torch.nn.Module) -> dict[str, Any]:
+    """``dense.pt`` of this run folder, checked against ``net``."""
+    state = P.load_torch(paths.dense_weights)
+    problem = P.state_dict_mismatch(state, net.state_dict())
+    if problem is not None:
+        raise P.RunFolderError(
+            f"{paths.dense_weights} does not fit model={type(net).__name__}: {problem}; "
+            "delete it to train the dense phase again"
         )
     return state
 
@@ -145,15 +176,22 @@ def _dense_phase(
     dm: Any,
     paths: P.RunPaths,
     given: dict[str, Any] | None,
-) -> tuple[float | None, float]:
-    """Dense weights from a checkpoint, a finished earlier run, or ``dense.steps`` of training."""
-    started = time.perf_counter()
-    source = cfg.dense.checkpoint or (paths.dense_weights if paths.dense_weights.exists() else None)
-    if source is not None:
-        net.load_state_dict(given if given is not None else torch.load(source, weights_only=True))
+) -> tuple[float | None, float | None, float]:
+    """Dense weights from ``dense.checkpoint``, a finished earlier run in this folder, or
+    ``dense.steps`` of training (resumed if interrupted). Returns the dense test accuracy,
+    the seconds of dense training (None: trained elsewhere or not recorded) and how many
+    of those seconds earlier processes spent."""
+    if given is not None or paths.dense_weights.is_file():
+        source = cfg.dense.checkpoint or paths.dense_weights
+        net.load_state_dict(given if given is not None else _own_dense_weights(paths, net))
         progress(f"dense weights loaded from {source}")
+        wall = None
+        if given is None and paths.dense_record.is_file():
+            wall = P.read_json(paths.dense_record).get("wall_s")
+        earlier = wall or 0.0
     elif cfg.dense.steps > 0:
-        evaluations = Evaluations(dm.test_dataloader(), label="dense ")
+        evaluations = Evaluations(dm.test_dataloader(), label="dense ", resumable=True)
+        checkpoints = Checkpoints(paths.resume_checkpoint("dense"), cfg.checkpoint_every)
         module = classifier(net, cfg.train, cfg.dense.steps, lr=cfg.dense.lr)
         fit(
             module,
@@ -162,10 +200,14 @@ def _dense_phase(
             val_every=cfg.train.val_every,
             log_dir=paths.root / "dense",
             callbacks=[evaluations],
+            checkpoints=checkpoints,
         )
+        wall, earlier = checkpoints.wall_s, checkpoints.wall_s_before
+        P.write_json(paths.dense_record, {"wall_s": wall})  # before dense.pt, which says "done"
         P.save_torch(paths.dense_weights, net.state_dict())
+        paths.resume_checkpoint("dense").unlink(missing_ok=True)
     else:
-        return None, 0.0
+        return None, 0.0, 0.0
     _, accuracy = evaluate(net, dm.test_dataloader())
     progress(f"dense test accuracy {accuracy:.4f}")
-    return accuracy, time.perf_counter() - started
+    return accuracy, wall, earlier

@@ -43,13 +43,13 @@ so the weights load into a fresh ``build_model(cfg.model)``), Lightning CSV metr
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import json
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,15 @@ from prunekit.experiments.data import FashionMNISTDataModule
 from prunekit.experiments.models import build_model, output_layer_name
 from prunekit.experiments.module import Classifier
 from prunekit.experiments.paths import (
+    RunFolderError,
     RunPaths,
     check_writable,
     config_hash,
+    load_torch,
+    locked,
+    read_json,
     save_torch,
+    state_dict_mismatch,
     write_config,
     write_json,
 )
@@ -84,6 +89,7 @@ __all__ = ["VARIANTS", "lottery_table", "run_lottery"]
 VARIANTS = ("lottery", *CONTROLS)
 _PREFIX = "model."  # the Classifier holds the network as ``self.model``
 _REINIT_SEED, _RANDOM_PRUNE_SEED = 1000, 2000  # offsets added to seed + round
+_REDO = "delete it (and the rounds after it) to train that round again"
 
 Masks = dict[str, Tensor]
 Weights = dict[str, Tensor]
@@ -111,7 +117,11 @@ def run_lottery(cfg: DictConfig) -> dict[str, Any]:
     ``test_acc`` at each validation; the last step is always evaluated).
     """
     started = time.perf_counter()
-    run = _Run.prepare(cfg)
+    with _Run.prepare(cfg) as run:
+        return _run_rounds(cfg, run, started)
+
+
+def _run_rounds(cfg: DictConfig, run: _Run, started: float) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     previous: _Finished | None = None
     for r in range(cfg.rounds + 1):
@@ -283,8 +293,10 @@ class _Run:
         self.initial = self._initial_weights()
 
     @classmethod
-    def prepare(cls, cfg: DictConfig) -> _Run:
-        """Validate everything a run needs, before any training; write ``config.yaml``."""
+    @contextlib.contextmanager
+    def prepare(cls, cfg: DictConfig) -> Iterator[_Run]:
+        """Validate everything a run needs, before any training; take the run folder's
+        lock (held while the block runs); write ``config.yaml``."""
         check_config(cfg)
         template = _module(cfg, seed=cfg.seed)
         names = Pruner(template).names
@@ -292,16 +304,17 @@ class _Run:
         paths = RunPaths.for_config(cfg)
         dm = training.datamodule(cfg, cfg.seed)  # a missing data folder fails here
         check_writable(paths.root)
-        write_config(paths.config, cfg)
-        run = cls(cfg, paths, dm, template, names, rates)
-        run.files.add(paths.config.name)
-        training.progress(f"lottery run {paths.root}: {run.fits} trainings")
-        return run
+        with locked(paths.root):
+            write_config(paths.config, cfg)
+            run = cls(cfg, paths, dm, template, names, rates)
+            run.files.add(paths.config.name)
+            training.progress(f"lottery run {paths.root}: {run.fits} trainings")
+            yield run
 
     def _initial_weights(self) -> Weights:
         path = self.paths.initial_weights
         if path.is_file():
-            weights = _net_to_module(torch.load(path, weights_only=True))
+            weights = _net_to_module(self._checked(path, load_torch(path), self.template))
         else:
             weights = _clone(self.template.state_dict())
             save_torch(path, _module_to_net(weights))
@@ -486,12 +499,37 @@ class _Run:
         needs_checkpoint = r == 0 and self.cfg.rewind == "step" and self.cfg.rewind_step > 0
         if not (result.is_file() and state.is_file()):
             return None
-        if needs_checkpoint and not self.paths.rewind_checkpoint.is_file():
-            return None  # retraining round 0 writes it again
-        record = json.loads(result.read_text())
-        saved = torch.load(state, weights_only=True)
+        if needs_checkpoint:
+            if not self.paths.rewind_checkpoint.is_file():
+                return None  # retraining round 0 writes it again
+            try:
+                training.check_checkpoint(self.paths.rewind_checkpoint)
+            except ValueError as e:
+                raise RunFolderError(f"{e}; delete it and round_00 to redo round 0") from None
+        record = read_json(result)
+        saved = load_torch(state)
+        if not (isinstance(saved, dict) and {"masks", "weights"} <= saved.keys()):
+            raise RunFolderError(f"{state} is not a round's state (masks and weights); {_REDO}")
+        weights = self._checked(state, saved["weights"], self.template)
+        masks = _net_to_module(self._checked(state, saved["masks"], self._shapes()))
+        if not all(m.dtype == torch.bool for m in masks.values()):
+            raise RunFolderError(f"{state} holds masks that are not torch.bool; {_REDO}")
         self._add_files(r, variant)
-        return _Finished(record, _net_to_module(saved["masks"]), _net_to_module(saved["weights"]))
+        return _Finished(record, masks, _net_to_module(weights))
+
+    def _checked(
+        self, path: Path, state: Any, like: Classifier | Mapping[str, torch.Size]
+    ) -> dict[str, Tensor]:
+        """``state`` (network names) if it fits ``like`` (the module, or masks' shapes)."""
+        expected = (
+            _module_to_net(like.state_dict())
+            if isinstance(like, Classifier)
+            else {n.removeprefix(_PREFIX): torch.empty(s) for n, s in like.items()}
+        )
+        problem = state_dict_mismatch(state, expected)
+        if problem is not None:
+            raise RunFolderError(f"{path} does not fit model={self.cfg.model}: {problem}; {_REDO}")
+        return state
 
     def _add_files(self, r: int, variant: str) -> None:
         paths = [self.paths.round_result(r, variant), self.paths.round_state(r, variant)]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prunekit.experiments.paths import RunPaths
+from prunekit.experiments.paths import RunPaths, read_json
 from prunekit.schedules import from_dict
 
 
@@ -129,7 +129,7 @@ def load_summaries(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         summary = RunPaths(Path(run)).summary
         if not summary.is_file():
             raise FileNotFoundError(f"{run} has no summary.json: not a finished prunekit run")
-        out.append(json.loads(summary.read_text()))
+        out.append(read_json(summary))  # a corrupt file: RunFolderError naming it
     return out
 
 

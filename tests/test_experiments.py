@@ -49,7 +49,10 @@ def test_run_writes_summary_plots_and_reuses_dense_weights(
     assert "global sparsity" in out and str(run) in out
 
     dense = torch.load(run / "dense.pt", weights_only=True)
-    assert cli.main(args) == 0  # same config, same folder: dense weights reused, not retrained
+    assert cli.main(args) == 0  # same config, same folder: finished, reported
+    assert "already finished" in capsys.readouterr().err
+    (run / "summary.json").unlink()  # as if stopped after the dense phase
+    assert cli.main(args) == 0  # dense weights reused, not retrained
     assert all(
         torch.equal(v, torch.load(run / "dense.pt", weights_only=True)[k]) for k, v in dense.items()
     )

@@ -411,5 +411,6 @@ def test_bad_rewind_mode_fails_at_load_and_run(
 
 def test_layer_rates_accept_network_and_module_names(data_root: Path, tmp_path: Path) -> None:
     cfg = config(data_root, tmp_path, "layer_rates={fc2.weight: 0.5, model.fc1.weight: 0.1}")
-    run = lottery._Run.prepare(cfg)
-    assert run.rates == {"model.fc3.weight": 0.1, "model.fc2.weight": 0.5, "model.fc1.weight": 0.1}
+    with lottery._Run.prepare(cfg) as run:
+        rates = run.rates
+    assert rates == {"model.fc3.weight": 0.1, "model.fc2.weight": 0.5, "model.fc1.weight": 0.1}
