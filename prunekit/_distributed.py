@@ -151,3 +151,99 @@ def like(full: Tensor, ref: Tensor) -> Tensor:
     return DTensor.from_local(
         block, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
     )
+
+
+def new_mask(param: Tensor) -> Tensor:
+    """An all-True contiguous bool mask laid out as ``param`` is (a DTensor for a DTensor:
+    each rank holds the mask of its own shard only)."""
+    if not isinstance(param, DTensor):
+        return torch.ones(param.shape, dtype=torch.bool, device=param.device)
+    shard = torch.ones(param.to_local().shape, dtype=torch.bool, device=param.to_local().device)
+    return DTensor.from_local(
+        shard, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+
+
+def structured_mask(method: str, param: DTensor, amount: float | int, mask: Tensor, options: dict) -> Tensor:
+    """A structured method's new mask for a sharded parameter, equal to one process's.
+
+    Slices along ``dim`` are scored from each rank's block: when a rank holds whole
+    slices (sharded along ``dim`` only) its norms are exactly one process's; otherwise
+    each rank adds powers of its part in float64 and the sums are all-reduced (n = inf
+    and 0 are exact; n = 1 and 2 agree with one process up to rounding). The per-slice
+    scores are all-reduced into one small vector on every rank, which is ranked as one
+    process ranks it. N:M needs every group of ``m`` on one rank.
+    """
+    from prunekit import _masks
+
+    layout, block, local_mask = Layout.of(param), param.to_local().detach(), mask.to_local()
+    sharding = Sharding.of([param])
+    assert sharding is not None
+    options = dict(options)
+    dim = _masks.check_dim(options.pop("dim", -1 if method == "nm" else 0), param.ndim)
+    if method == "nm":
+        m = options.get("m", 4)
+        if layout.offset[dim] % m or layout.local[dim] % m:
+            raise NotImplementedError(
+                f"nm with m={m} along dim={dim}: this rank's shard (rows {layout.offset[dim]}.."
+                f"{layout.offset[dim] + layout.local[dim]}) splits a group; shard another dim"
+            )
+        new = _masks.nm_mask(block, dim=dim, **options) & local_mask
+        return _as_like(new, mask)
+    if method not in ("ln_structured", "random_structured"):
+        raise NotImplementedError(f"method={method!r} on sharded (DTensor) parameters")
+    size, off, here = param.shape[dim], layout.offset[dim], layout.local[dim]
+    others = [d for d in range(param.ndim) if d != dim]
+    whole = all(layout.local[d] == layout.shape[d] for d in others)
+    own = float(sharding.owns[0])
+    alive = torch.zeros(size, dtype=torch.int64, device=sharding.device)
+    part = local_mask.any(dim=others) if others else local_mask
+    alive[off : off + here] = part.to(torch.int64).to(sharding.device) * int(own)
+    alive = sharding.reduce(alive) > 0
+    slices = torch.empty((size, 1))
+    if method == "random_structured":
+        new_alive = _masks.random_structured_mask(slices, amount, dim=0, mask=alive.view(-1, 1).cpu(), **options)
+    else:
+        n = options.pop("n", 2)
+        scores = options.pop("scores", None)
+        if scores is None:
+            weights = block * local_mask
+            scores = _slice_scores(weights, n, dim, others, whole, size, off, here, own, sharding)
+        else:
+            scores = scores.cpu()
+        new_alive = _masks.ln_structured_mask(
+            slices, amount, n=n, dim=0, mask=alive.view(-1, 1).cpu(), scores=scores, **options
+        )
+    keep = new_alive.view(-1)[off : off + here].to(local_mask.device)
+    shape = [1] * param.ndim
+    shape[dim] = -1
+    return _as_like(local_mask & keep.view(shape), mask)
+
+
+def _slice_scores(
+    weights: Tensor, n: float, dim: int, others: list[int], whole: bool,
+    size: int, off: int, here: int, own: float, sharding: Sharding,
+) -> Tensor:
+    from prunekit import _masks
+
+    scores = torch.zeros(size, dtype=torch.float64, device=sharding.device)
+    if whole:  # whole slices here: exactly the norms one process computes
+        norms = _masks._slice_norms(weights.float(), n, dim)
+        scores[off : off + here] = norms.double().to(sharding.device) * own
+        return sharding.reduce(scores).float().cpu()
+    w = weights.double()
+    if n == math.inf:
+        part = w.abs().amax(dim=others) if w.numel() else torch.zeros(here, dtype=torch.float64)
+        scores[off : off + here] = part.to(sharding.device)
+        dist.all_reduce(scores, op=dist.ReduceOp.MAX)
+        return scores.float().cpu()
+    power = (w != 0).double() if n == 0 else w.abs() if n == 1 else w.square()
+    scores[off : off + here] = power.sum(dim=others).to(sharding.device) * own
+    scores = sharding.reduce(scores)
+    return (scores.sqrt() if n == 2 else scores).float().cpu()
+
+
+def _as_like(local_mask: Tensor, ref: DTensor) -> DTensor:
+    return DTensor.from_local(
+        local_mask.contiguous(), ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+    )

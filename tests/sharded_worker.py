@@ -1,0 +1,170 @@
+"""Run by tests/test_sharded.py: prunes a model sharded over WORLD gloo CPU processes
+(FSDP2 ``fully_shard``, or tensor-parallel ``Shard(1)``) and, in the same processes, an
+unsharded copy of it with a plain Pruner; rank 0 saves both sets of masks.
+
+Usage: python tests/sharded_worker.py OUT WORLD SHARDING [LOAD]
+SHARDING is "fsdp" or "tp". OUT/result.pt gets {case: (sharded masks, single masks,
+reported pruned counts)}; OUT/state.pt the sharded Pruner's state after the "global"
+case. With LOAD (a state.pt from another world size), that state is loaded first and
+the masks it restores are recorded as case "loaded".
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prunekit import Pruner
+
+
+def make_model(ties: bool) -> nn.Module:
+    """Shapes that split unevenly over 2 and 4 ranks (7, 13 and 5 rows)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))
+    if ties:  # few distinct values: long runs of equal magnitudes
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((p * 8).round() / 8)
+    return model
+
+
+def shard(model: nn.Module, sharding: str, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if sharding == "fsdp":
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(1)]))
+    return model
+
+
+def full(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {n: m.full_tensor() if isinstance(m, DTensor) else m.clone() for n, m in masks.items()}
+
+
+def scores_for(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    params = dict(model.named_parameters())
+    return {n: torch.randn(params[n].shape, generator=g) for n in names}
+
+
+def place(full_scores: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The scores laid out as the (possibly sharded) parameters are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    out = {}
+    for n, s in full_scores.items():
+        p = params[n]
+        out[n] = distribute_tensor(s, p.device_mesh, p.placements) if isinstance(p, DTensor) else s
+    return out
+
+
+CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    # case: (Pruner arguments, successive prune_to sparsities)
+    "global": ({}, [0.3, 0.6]),
+    "layer": ({"scope": "layer"}, [0.5]),
+    "random": ({"method": "random", "seed": 4}, [0.45, 0.7]),
+    "scores": ({}, ["scores"]),
+    "ties": ({}, [0.37, 0.81]),
+    "ln_rows": ({"method": "ln_structured", "scope": "layer", "dim": 0}, [0.4]),
+    "ln_cols": ({"method": "ln_structured", "scope": "layer", "dim": 1, "n": 1}, [0.4]),
+    "ln_inf": ({"method": "ln_structured", "scope": "layer", "dim": 1, "n": float("inf")}, [0.3]),
+    "random_rows": ({"method": "random_structured", "scope": "layer", "dim": 0}, [0.3, 0.5]),
+    "nm": ({"targets": {"0.weight": {"method": "nm", "n": 2, "m": 4, "dim": 1}}}, [0.5]),
+}
+
+
+def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    wanted = os.environ.get("SHARDED_CASES", ",".join(CASES)).split(",")
+    results: dict[str, Any] = {}
+    for case in wanted:
+        kwargs, steps = CASES[case]
+        if sharding == "tp" and case in ("ln_rows", "nm"):
+            continue
+        base = make_model(ties=case == "ties")
+        single_model, sharded_model = copy.deepcopy(base), shard(copy.deepcopy(base), sharding, world)
+        single, sharded = Pruner(single_model, **kwargs), Pruner(sharded_model, **kwargs)
+        for amount in steps:
+            if amount == "scores":
+                scores = scores_for(single_model, single.names)
+                single.prune_to(0.55, scores=scores)
+                sharded.prune_to(0.55, scores=place(scores, sharded_model))
+            else:
+                single.prune_to(amount)
+                sharded.prune_to(amount)
+        report = sharded.sparsity()
+        results[case] = (full(sharded.masks), full(single.masks), [t.pruned for t in report.targets])
+        if case == "global":
+            state = sharded.state_dict()
+            if rank == 0:
+                torch.save(state, out / "state.pt")
+        if case == "global" and sharding == "fsdp":  # (tp shards only the weights: no forward)
+            # training keeps the pruned weights at zero through the step hooks
+            optimizer = torch.optim.Adam(sharded_model.parameters(), lr=0.1)
+            sharded.attach(optimizer)
+            for _ in range(2):
+                sharded_model(torch.randn(4, 12)).square().sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            params = dict(sharded_model.named_parameters())
+            weights = {n: _full(params[n].detach()) for n in sharded.names}
+            moments = {n: _full(optimizer.state[params[n]]["exp_avg"]) for n in sharded.names}
+            results["trained"] = (weights, moments, full(sharded.masks))
+    if load:
+        model = shard(make_model(False), sharding, world)
+        pruner = Pruner(model)
+        pruner.load_state_dict(torch.load(load, weights_only=False))
+        params = dict(model.named_parameters())
+        results["loaded"] = (
+            full(pruner.masks),
+            {n: _full(params[n].detach()) for n in pruner.names},
+            [t.pruned for t in pruner.sparsity().targets],
+        )
+    if rank == 0:
+        torch.save(results, out / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+
+
+def main() -> None:
+    out, world, sharding = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    load = sys.argv[4] if len(sys.argv) > 4 else None
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run, args=(world, port, out, sharding, load), nprocs=world)
+
+
+if __name__ == "__main__":
+    main()

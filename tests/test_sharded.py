@@ -1,0 +1,96 @@
+"""Sharded parameters (FSDP2 ``fully_shard``, tensor-parallel ``Shard(1)``) on 2 and 4 gloo
+CPU processes: the masks gathered from the shards equal, bit for bit, those one process
+computes on the same full weights (uneven shards: 7, 13 and 5 rows; heavy ties), the
+reported counts are the whole tensors' counts, training keeps pruned weights and Adam
+moments at zero, and a state saved on 2 ranks loads on 4 and on 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from prunekit import Pruner
+from tests.sharded_worker import make_model
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+FAST_CASES = "global,ties,random,ln_cols"
+
+
+def run_worker(out: Path, world: int, sharding: str, load: Path | None = None,
+               cases: str | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if cases:
+        env["SHARDED_CASES"] = cases
+    args = [sys.executable, str(WORKER), str(out), str(world), sharding]
+    done = subprocess.run(
+        args + ([str(load)] if load else []), capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def check_cases(results: dict[str, Any], expected_cases: set[str]) -> None:
+    cases = {c for c in results if c not in ("trained", "loaded")}
+    assert cases == expected_cases
+    for case in cases:
+        sharded, single, reported = results[case]
+        assert set(sharded) == set(single)
+        for name in single:
+            assert sharded[name].dtype == torch.bool
+            assert torch.equal(sharded[name], single[name]), (case, name)
+        # sparsity() on the shards reports whole-tensor counts (counted here by hand)
+        assert reported == [int((~single[n]).sum()) for n in single], case
+        assert sum(reported) > 0, case
+
+
+def check_trained(results: dict[str, Any]) -> None:
+    weights, moments, masks = results["trained"]
+    for name, mask in masks.items():
+        assert bool((weights[name][~mask] == 0).all()), name
+        assert bool((moments[name][~mask] == 0).all()), name
+        assert bool((weights[name][mask] != 0).any()), name
+
+
+def test_fsdp_two_ranks(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 2, "fsdp", cases=FAST_CASES)
+    check_cases(results, set(FAST_CASES.split(",")))
+    check_trained(results)
+
+
+ALL = {"global", "layer", "random", "scores", "ties", "ln_rows", "ln_cols", "ln_inf",
+       "random_rows", "nm"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "sharding"), [(2, "fsdp"), (4, "fsdp"), (2, "tp"), (4, "tp")])
+def test_every_case(tmp_path: Path, world: int, sharding: str) -> None:
+    results = run_worker(tmp_path, world, sharding)
+    check_cases(results, ALL if sharding == "fsdp" else ALL - {"ln_rows", "nm"})
+    if sharding == "fsdp":
+        check_trained(results)
+
+
+@pytest.mark.slow
+def test_state_saved_on_two_ranks_loads_on_four_and_on_one(tmp_path: Path) -> None:
+    saved = run_worker(tmp_path / "two", 2, "fsdp", cases="global")
+    masks = saved["global"][0]
+    state = tmp_path / "two" / "state.pt"
+    loaded = run_worker(tmp_path / "four", 4, "fsdp", load=state, cases="global")
+    got, weights, reported = loaded["loaded"]
+    for name, mask in masks.items():
+        assert torch.equal(got[name], mask)
+        assert bool((weights[name][~mask] == 0).all())
+    assert reported == [int((~m).sum()) for m in masks.values()]
+    model = make_model(ties=False)  # one process, no process group
+    pruner = Pruner(model)
+    pruner.load_state_dict(torch.load(state, weights_only=False))
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(pruner.masks[name], mask)
+        assert bool((params[name][~mask] == 0).all())
