@@ -345,3 +345,238 @@ def test_fit_a_few_steps_on_a_subset(single_thread: None) -> None:
     trainer.fit(clf, datamodule=dm)
     assert trainer.global_step == 10
     assert trainer.callback_metrics["val/acc"] > 0.5  # 10 Adam steps already reach ~65%
+
+
+# --- the dataset registry, any dataset, _target_ data modules ---------------------------
+
+
+@pytest.fixture
+def scratch_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a test register datasets without leaking them into other tests."""
+    from prunekit.experiments import data
+
+    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+
+
+def test_dataset_registry_lists_builds_and_refuses_duplicates(scratch_datasets: None) -> None:
+    from prunekit.experiments.data import build_datamodule, list_datasets, register_dataset
+
+    assert list_datasets() == ["fashion_mnist"]
+    dm = build_datamodule("fashion_mnist", batch_size=8, seed=2)
+    assert isinstance(dm, FashionMNISTDataModule) and (dm.batch_size, dm.seed) == (8, 2)
+    with pytest.raises(ValueError, match="'fashion_mnist' is already registered"):
+        register_dataset("fashion_mnist")(FashionMNISTDataModule)
+    with pytest.raises(ValueError) as info:
+        build_datamodule("fashion_mnst")
+    assert "did you mean 'fashion_mnist'" in str(info.value)
+    assert "Valid names: fashion_mnist" in str(info.value)
+    with pytest.raises(ValueError, match="non-empty string"):
+        register_dataset("")
+
+
+def write_tiny_idx(root: Path, n_train: int = 120, n_test: int = 30) -> Path:
+    """A 3-class dataset of 1x8x8 uint8 images: class c is bright in row band c (learnable)."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = torch.arange(n) % 3
+        images = torch.randint(0, 60, (n, 8, 8), generator=g)
+        for i, c in enumerate(labels.tolist()):
+            images[i, 2 * c : 2 * c + 3] += 180
+        write(
+            root / FILES[f"{part}_images"],
+            idx_bytes(8, (n, 8, 8), images.to(torch.uint8).numpy().tobytes()),
+        )
+        write(
+            root / FILES[f"{part}_labels"],
+            idx_bytes(8, (n,), labels.to(torch.uint8).numpy().tobytes()),
+        )
+    return root
+
+
+def test_idx_datamodule_subclass_reads_any_size_and_normalises(tmp_path: Path) -> None:
+    from prunekit.experiments.data import IDXDataModule, data_shape
+
+    root = write_tiny_idx(tmp_path / "tiny", n_train=12, n_test=6)
+
+    class Tiny(IDXDataModule):
+        input_shape, num_classes, mean, std = (1, 8, 8), 3, 0.5, 0.25
+
+    dm = Tiny(root, batch_size=4, val_size=3, seed=1)
+    dm.setup()
+    raw = read_idx(root / FILES["train_images"])
+    train_idx, _ = dm.split_indices(12)
+    x, y = dm.train_set.tensors  # type: ignore[union-attr]
+    assert x.shape == (9, 1, 8, 8) and data_shape(dm) == ((1, 8, 8), 3)
+    expected = (raw[train_idx].float() / 255 - 0.5) / 0.25  # by hand
+    assert torch.allclose(x[:, 0], expected)
+    assert torch.equal(y, (torch.arange(12) % 3)[train_idx])
+
+    class WrongShape(Tiny):
+        input_shape = (1, 9, 9)
+
+    with pytest.raises(ValueError, match=r"expected \(N, H, W\) with \(9, 9\) per image"):
+        WrongShape(root, val_size=3).setup()
+
+    class TwoClasses(Tiny):
+        num_classes = 2
+
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        TwoClasses(root, val_size=3).setup()
+    with pytest.raises(ValueError, match="has no default folder"):
+        Tiny()
+
+
+def test_data_shape_names_what_is_missing() -> None:
+    from prunekit.experiments.data import data_shape
+
+    class NoShape(L.LightningDataModule):
+        num_classes = 3
+
+    class OneClass(L.LightningDataModule):
+        input_shape, num_classes = (1, 4, 4), 1
+
+    with pytest.raises(TypeError, match=r"NoShape.input_shape=None must be a tuple"):
+        data_shape(NoShape())
+    with pytest.raises(TypeError, match=r"OneClass.num_classes=1 must be an int >= 2"):
+        data_shape(OneClass())
+
+
+class InTestData(L.LightningDataModule):
+    """A user's own data module (used by import path, ``data._target_``): 2x6x6 inputs, 4
+    classes; class c has a bright channel-0 row c."""
+
+    input_shape = (2, 6, 6)
+    num_classes = 4
+
+    def __init__(self, n: int = 96, seed: int = 0, batch_size: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 4
+        self.x = torch.randn(n, 2, 6, 6, generator=g)
+        self.x[torch.arange(n), 0, self.y] += 3.0
+        self.seed, self.batch_size = seed, batch_size
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        ds = torch.utils.data.TensorDataset(self.x[:64], self.y[:64])
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.utils.data.DataLoader(ds, self.batch_size, shuffle=True, generator=g)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x[64:80], self.y[64:80]), 16
+        )
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x[80:], self.y[80:]), 16
+        )
+
+
+def test_datamodule_from_config_target_gets_options_and_seed() -> None:
+    from prunekit.experiments.data import datamodule_from_config
+
+    target = f"{__name__}.InTestData"
+    dm = datamodule_from_config({"_target_": target, "options": {"n": 40, "batch_size": 8}}, seed=5)
+    assert isinstance(dm, InTestData) and (dm.y.numel(), dm.batch_size, dm.seed) == (40, 8, 5)
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        datamodule_from_config({"_target_": f"{__name__}.Nope"}, seed=0)
+    with pytest.raises(TypeError, match="not a LightningDataModule"):
+        datamodule_from_config({"_target_": "collections.OrderedDict"}, seed=0)
+
+
+def tiny_gradual(out: Path, *overrides: str) -> Any:
+    from omegaconf import OmegaConf
+    from prunekit.experiments.config import GradualConfig, load_config
+
+    schedule = "{kind: polynomial, initial: 0.0, final: 0.5, begin: 0, end: 6, frequency: 3}"
+    base = ["name=tiny", "steps=6", "train.val_every=3", f"out_dir={out}"]
+    cfg = load_config(GradualConfig, None, [*base, f"pruning.schedule={schedule}", *overrides])
+    assert OmegaConf.is_config(cfg)
+    return cfg
+
+
+def check_lenet_on(summary: dict[str, Any], run: Path, features: int, classes: int) -> None:
+    """LeNet-300-100 was built for the data: fc1 takes ``features`` inputs, fc3 gives
+    ``classes`` outputs; global 50 % sparsity counted over those weights."""
+    n = features * 300 + 300 * 100 + 100 * classes
+    assert summary["sparsity"] == pytest.approx(round(0.5 * n) / n)
+    final = torch.load(run / "final.pt", weights_only=True)
+    assert final["fc1.weight"].shape == (300, features)
+    assert final["fc3.weight"].shape == (classes, 100)
+
+
+def test_a_registered_idx_dataset_runs_through_both_runners(
+    tmp_path: Path, scratch_datasets: None, single_thread: None
+) -> None:
+    from prunekit.experiments.config import LotteryConfig, load_config
+    from prunekit.experiments.data import IDXDataModule, register_dataset
+    from prunekit.experiments.gradual import run_gradual
+    from prunekit.experiments.lottery import run_lottery
+    from prunekit.experiments.paths import RunPaths
+
+    root = write_tiny_idx(tmp_path / "tiny")
+
+    @register_dataset("tiny_idx")
+    class TinyIDX(IDXDataModule):
+        default_root, input_shape, num_classes = str(root), (1, 8, 8), 3
+
+    common = ["data.name=tiny_idx", "data.val_size=30", "data.batch_size=10"]
+    cfg = tiny_gradual(tmp_path / "runs", *common)
+    summary = run_gradual(cfg)
+    check_lenet_on(summary, RunPaths.for_config(cfg).root, features=64, classes=3)
+    assert [e["step"] for e in summary["evaluations"]] == [3, 6]
+
+    lottery = load_config(
+        LotteryConfig,
+        None,
+        [
+            "name=tiny-lth",
+            "rounds=1",
+            "steps_per_round=4",
+            "train.val_every=2",
+            f"out_dir={tmp_path / 'runs'}",
+            *common,
+        ],
+    )
+    result = run_lottery(lottery)
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    # round 1 keeps 80 % of fc1/fc2 and 90 % of the 3-class output layer (the plan's rates)
+    kept = result["rounds"][1]["kept_per_layer"]
+    assert kept == {
+        "fc1.weight": round(0.8 * 64 * 300),
+        "fc2.weight": round(0.8 * 300 * 100),
+        "fc3.weight": round(0.9 * 100 * 3),
+    }
+
+
+def test_a_target_datamodule_from_the_test_file_runs(tmp_path: Path, single_thread: None) -> None:
+    from prunekit.experiments.gradual import run_gradual
+    from prunekit.experiments.paths import RunPaths
+
+    cfg = tiny_gradual(
+        tmp_path, f"data._target_={__name__}.InTestData", "data.options={n: 96, batch_size: 16}"
+    )
+    summary = run_gradual(cfg)
+    check_lenet_on(summary, RunPaths.for_config(cfg).root, features=2 * 6 * 6, classes=4)
+
+
+def test_a_model_class_by_import_path(tmp_path: Path, single_thread: None) -> None:
+    from prunekit.experiments.gradual import run_gradual
+    from prunekit.experiments.paths import RunPaths
+
+    cfg = tiny_gradual(
+        tmp_path,
+        f"data._target_={__name__}.InTestData",
+        f"model={__name__}.in_test_model",
+    )
+    summary = run_gradual(cfg)
+    final = torch.load(RunPaths.for_config(cfg).root / "final.pt", weights_only=True)
+    assert set(final) == {"1.weight", "1.bias"} and final["1.weight"].shape == (4, 72)
+    assert summary["sparsity"] == pytest.approx(round(0.5 * 4 * 72) / (4 * 72))
+
+
+def in_test_model(num_classes: int, input_shape: tuple[int, int, int]) -> torch.nn.Module:
+    """A user's own model factory: called with the data's classes and input shape."""
+    c, h, w = input_shape
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, num_classes))
