@@ -724,20 +724,49 @@ class DependencyGraph:
         names = {m[0] for g in self.groups for m in g.members}
         return [n for n in self._params if n in names]
 
-    def scores(self) -> Tensor:
-        """Each group's importance: the sum of squares of all its members' entries
-        (its L2 norm squared), in ``groups`` order.
+    def scores(self, reduce: str = "normalized") -> Tensor:
+        """Each group's importance, in ``groups`` order, from the squared L2 norms of its
+        members' slices:
+
+        - ``"sum"``: their sum (the group's L2 norm squared);
+        - ``"mean"``: that sum divided by the number of entries;
+        - ``"normalized"`` (default): each member's norm divided by the average over all
+          groups of the same parameter slice kind, then averaged over the members. Layers
+          of different scale and groups coupling different numbers of layers (a residual
+          stream's channels, zero-padded shortcut channels) then compare fairly.
 
         >>> model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
         >>> with torch.no_grad():
         ...     _ = model[0].weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
         ...     _ = model[1].weight.copy_(torch.tensor([[3.0, 1.0]]))
-        >>> DependencyGraph(model, torch.zeros(1, 2)).scores().tolist()
-        [14.0, 2.0]
+        >>> graph = DependencyGraph(model, torch.zeros(1, 2))
+        >>> graph.scores("sum").tolist(), graph.scores("mean").tolist()
+        ([14.0, 2.0], [4.666666666666667, 0.6666666666666666])
+        >>> [round(v, 4) for v in graph.scores().tolist()]  # ((5/3 + 9/5) / 2, (1/3 + 1/5) / 2)
+        [1.7333, 0.2667]
         """
+        if reduce not in ("normalized", "mean", "sum"):
+            raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
         params = {n: p.detach() for n, p in self._params.items()}
+        norms = [
+            [(m[:3] + m[4:], float(t.double().pow(2).sum()), t.numel()) for m, (_, t) in
+             zip(g.members, g.slices(params), strict=True)]
+            for g in self.groups
+        ]  # fmt: skip
+        if reduce == "sum":
+            return torch.tensor([sum(n for _, n, _ in g) for g in norms], dtype=torch.float64)
+        if reduce == "mean":
+            return torch.tensor(
+                [sum(n for _, n, _ in g) / sum(c for _, _, c in g) for g in norms],
+                dtype=torch.float64,
+            )
+        totals: dict[Any, list[float]] = {}
+        for g in norms:
+            for key, n, _ in g:
+                totals.setdefault(key, []).append(n)
+        means = {k: sum(v) / len(v) for k, v in totals.items()}
         return torch.tensor(
-            [sum(float(t.double().pow(2).sum()) for _, t in g.slices(params)) for g in self.groups],
+            [sum(n / means[k] if means[k] > 0 else 0.0 for k, n, _ in g) / len(g) for g in norms],
             dtype=torch.float64,
         )
 
@@ -800,8 +829,10 @@ class DependencyGraph:
         *,
         scope: str = "layer",
         masks: Mapping[str, Tensor] | None = None,
+        reduce: str = "normalized",
     ) -> dict[str, Tensor]:
-        """Masks pruning ``amount`` of the groups with the lowest :meth:`scores`.
+        """Masks pruning ``amount`` of the groups with the lowest :meth:`scores`
+        (``reduce`` is passed on).
 
         ``scope="layer"`` prunes ``amount`` within each layer (each set of coupled layers);
         ``"global"`` ranks all groups together, each score divided by its layer's mean so
@@ -816,8 +847,10 @@ class DependencyGraph:
         """
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
+        if reduce not in ("normalized", "mean", "sum"):
+            raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
         already = self.pruned(masks) if masks is not None else [False] * len(self.groups)
-        scores = self.scores()
+        scores = self.scores(reduce)
         layers: dict[str, list[int]] = {}
         for i, g in enumerate(self.groups):
             layers.setdefault(g.layer, []).append(i)

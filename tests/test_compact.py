@@ -451,3 +451,24 @@ def test_channels_reaching_the_output_or_a_layernorm_are_pinned() -> None:
 def test_bert_attention_heads_and_intermediate() -> None:
     transformers = pytest.importorskip("transformers")
     pytest.skip(f"HF BERT (transformers {transformers.__version__}) is not supported yet")
+
+
+def _stage_widths(model: nn.Module, x: torch.Tensor, reduce: str) -> list[int]:
+    graph = DependencyGraph(model, x)
+    small = compact(model, x, masks=graph.group_masks(0.5, reduce=reduce), complete=True)
+    return [small.get_submodule(f"layer{s}.0.conv2").out_channels for s in (1, 2, 3)]
+
+
+def test_default_ranking_halves_every_stage_of_a_zero_pad_resnet() -> None:
+    # the residual cluster of ResNet-20 (option A) holds 64 groups: 16 span all three
+    # stages, 16 only stages 2-3 (padding in stage 2), 32 only stage 3. Raw norms favour
+    # the groups spanning more (and larger-scale, smaller fan-in) layers, so stage 1
+    # would keep everything; normalised scores halve each stage (16, 32, 64 channels).
+    torch.manual_seed(12)
+    model = build_model("resnet20").eval()
+    x = torch.zeros(1, 1, 28, 28)
+    widths = _stage_widths(model, x, "normalized")
+    assert all(
+        0.35 * full <= w <= 0.65 * full for w, full in zip(widths, (16, 32, 64), strict=True)
+    )
+    assert _stage_widths(model, x, "sum")[0] == 16

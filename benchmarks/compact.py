@@ -1,0 +1,136 @@
+"""What pruning pays: latency of compacted models and size of compressed checkpoints.
+
+1. Latency, compacted / masked-dense, at 50 % of the channel groups of every layer
+   (``DependencyGraph.group_masks(0.5)``), for Conv-4 and ResNet-20 (zero-pad shortcuts),
+   forward passes on a batch of 64 Fashion-MNIST-sized images, one thread. The two
+   models of a pair run alternately (order rotating each round); medians. Goal <= 0.35.
+2. Checkpoint size, compressed (bitmask + kept values) / dense ``torch.save``, at 90 %
+   global unstructured magnitude sparsity, next to torch's CSR format. Goal <= 0.15.
+
+Run on a quiet machine: ``.venv/bin/python -m benchmarks.compact`` (about a minute);
+``--quick`` for a small check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import torch
+from prunekit.experiments.models import build_model
+from torch import nn
+
+from benchmarks._common import median, rotated
+from prunekit import DependencyGraph, Pruner, compact, compress_state_dict, model_cost
+
+MODELS = ("conv4", "resnet20")
+LATENCY_GOAL, SIZE_GOAL = 0.35, 0.15
+
+
+def _with_bn_statistics(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@torch.inference_mode()
+def _time(model: nn.Module, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def latency(name: str, batch: int, rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = _with_bn_statistics(build_model(name))
+    example = torch.randn(1, 1, 28, 28)
+    graph = DependencyGraph(model, example)
+    masks = graph.group_masks(0.5)
+    Pruner(model, targets=graph.param_names).set_masks(masks)
+    small = compact(model, example, masks=masks).eval()
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.inference_mode():
+        error = float((model(x) - small(x)).abs().max())
+    variants = {"masked": model, "compact": small}
+    for m in variants.values():
+        for _ in range(3):
+            _time(m, x)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for key in rotated(list(variants), r):
+            times[key].append(_time(variants[key], x))
+    dense_ms, small_ms = (1e3 * median(times[k]) for k in ("masked", "compact"))
+    cost, small_cost = model_cost(model, example), model_cost(small, example)
+    return {
+        "masked_ms": dense_ms,
+        "compact_ms": small_ms,
+        "ratio": small_ms / dense_ms,
+        "params_ratio": small_cost.params / cost.params,
+        "macs_ratio": small_cost.macs / cost.macs,
+        "max_abs_error": error,
+    }
+
+
+def _saved(obj: object) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer().nbytes
+
+
+def checkpoint_size(name: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = build_model(name)
+    Pruner(model).prune_to(0.9)
+    state = model.state_dict()
+    dense = _saved(state)
+    csr = {
+        k: v.reshape(v.shape[0], -1).to_sparse_csr() if v.dim() > 1 else v for k, v in state.items()
+    }
+    return {
+        "dense_bytes": dense,
+        "bitmask_ratio": _saved(compress_state_dict(state)) / dense,
+        "csr_ratio": _saved(csr) / dense,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="batch 8, 5 rounds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.rounds = 8, 5
+    torch.set_num_threads(1)
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; torch {torch.__version__}, 1 thread")
+    print(f"\nlatency at 50 % of channel groups, batch {args.batch}, {args.rounds} rounds (median)")
+    print(
+        f"{'model':<10}{'masked ms':>11}{'compact ms':>12}{'ratio':>8}{'params':>8}{'MACs':>8}"
+        f"{'max err':>10}  goal <= {LATENCY_GOAL}"
+    )
+    for name in MODELS:
+        r = latency(name, args.batch, args.rounds)
+        print(
+            f"{name:<10}{r['masked_ms']:>11.2f}{r['compact_ms']:>12.2f}{r['ratio']:>8.3f}"
+            f"{r['params_ratio']:>8.3f}{r['macs_ratio']:>8.3f}{r['max_abs_error']:>10.1e}"
+            f"  {'met' if r['ratio'] <= LATENCY_GOAL else 'MISSED'}"
+        )
+    print("\ncheckpoint size at 90 % unstructured (global magnitude), ratio to dense torch.save")
+    print(f"{'model':<15}{'dense bytes':>12}{'bitmask':>9}{'CSR':>7}  goal <= {SIZE_GOAL}")
+    for name in ("lenet_300_100", *MODELS):
+        s = checkpoint_size(name)
+        print(
+            f"{name:<15}{s['dense_bytes']:>12,}{s['bitmask_ratio']:>9.3f}{s['csr_ratio']:>7.3f}"
+            f"  {'met' if s['bitmask_ratio'] <= SIZE_GOAL else 'MISSED'}"
+        )
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
