@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-from prunekit.experiments.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
+from prunekit.experiments.data import data_shape, datamodule_from_config, list_datasets
+from prunekit.experiments.imports import import_object
 from prunekit.experiments.models import build_model, list_models
 from prunekit.experiments.module import Classifier
 from prunekit.schedules import from_dict
@@ -38,10 +39,24 @@ def _help(default: Any, text: str) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str = _help(DEFAULT_DATA_DIR, "folder with the four Fashion-MNIST IDX files")
+    name: str = _help(
+        "fashion_mnist", "a registered dataset (`prunekit datasets` lists them)"
+    )
+    root: str | None = _help(
+        None, "folder of the dataset's files (null: the dataset's default folder)"
+    )
     batch_size: int = _help(60, "training batch size")
     val_size: int = _help(5000, "training images held out for validation (seeded split)")
     subset: int | None = _help(None, "use only this many training images (quick runs)")
+    _target_: str | None = _help(
+        None,
+        "import path of your own LightningDataModule class (used instead of name); it is "
+        "called with data.options (and seed, when it takes one) and must have "
+        "input_shape and num_classes attributes",
+    )
+    options: dict[str, Any] = _help(
+        {}, "more keyword arguments of the data module (e.g. {num_workers: 2})"
+    )
 
 
 @dataclass
@@ -92,7 +107,11 @@ class ExperimentConfig:
 
     name: str = _help(MISSING, "experiment name; the run folder is named from it and the config")
     seed: int = _help(0, "seed of initialisation, data split and shuffling")
-    model: str = _help("lenet_300_100", "a registered model (prunekit.experiments.models)")
+    model: str = _help(
+        "lenet_300_100",
+        "a registered model (`prunekit models` lists them) or the import path of your own "
+        "model class, called with num_classes and input_shape from the data",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = _help("runs", "where run folders are written")
@@ -214,7 +233,7 @@ def check_config(cfg: DictConfig) -> None:
         check_name(cfg.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check(cfg.model in list_models(), "model", cfg.model, f"is not one of {list_models()}")
+    _check_model_and_data(cfg)
     check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "must be > 0")
     check(cfg.train.val_every >= 1, "train.val_every", cfg.train.val_every, "must be >= 1")
@@ -299,19 +318,35 @@ def _check_sections(cfg: DictConfig) -> None:
         ),
         (
             "data",
-            lambda: FashionMNISTDataModule(
-                root=data.root,
-                batch_size=data.batch_size,
-                val_size=data.val_size,
-                seed=cfg.seed,
-                subset=data.subset,
-            ),
+            lambda: datamodule_from_config(OmegaConf.to_container(data, resolve=True), cfg.seed),
         ),
     ):
         try:
             build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{section}: {e}") from None
+
+
+def _check_model_and_data(cfg: DictConfig) -> None:
+    """``model`` is registered or importable; ``data.name`` is registered (or ``_target_``
+    importable)."""
+    if cfg.model not in list_models():
+        if "." not in cfg.model:
+            raise ConfigError(
+                f"model={cfg.model!r} is not one of {list_models()} nor an import path "
+                "(package.module.Class)"
+            )
+        try:
+            import_object(cfg.model, "model")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.data._target_ is not None:
+        try:
+            import_object(cfg.data._target_, "data._target_")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif cfg.data.name not in list_datasets():
+        raise ConfigError(f"data.name={cfg.data.name!r} is not one of {list_datasets()}")
 
 
 def _check_pruning(cfg: DictConfig) -> None:
@@ -321,8 +356,10 @@ def _check_pruning(cfg: DictConfig) -> None:
     targets = None if pruning.targets is None else list(pruning.targets)
     try:
         with torch.random.fork_rng(devices=[]):
+            data = OmegaConf.to_container(cfg.data, resolve=True)
+            shape, classes = data_shape(datamodule_from_config(data, cfg.seed))
             Pruner(
-                build_model(cfg.model),
+                build_model(cfg.model, num_classes=classes, input_shape=shape),
                 targets=targets,
                 exclude=list(pruning.exclude),
                 method=pruning.method,

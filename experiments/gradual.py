@@ -13,8 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from prunekit.callbacks import Pruning
 from prunekit.experiments import paths as P
 from prunekit.experiments.config import ConfigError
-from prunekit.experiments.data import load_fashion_mnist
-from prunekit.experiments.models import build_model
 from prunekit.experiments.training import (
     Checkpoints,
     Evaluations,
@@ -22,6 +20,7 @@ from prunekit.experiments.training import (
     datamodule,
     evaluate,
     fit,
+    network,
     progress,
 )
 from prunekit.schedules import Schedule, from_dict
@@ -39,13 +38,11 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
     so). A finished run (its ``summary.json`` exists) is reported, not redone.
     """
     paths = P.RunPaths.for_config(cfg)
-    load_fashion_mnist(
-        cfg.data.root
-    )  # a missing data folder fails here, before anything is written
+    datamodule(cfg, cfg.seed)  # a missing data folder fails here, before anything is written
     schedule = from_dict(OmegaConf.to_container(cfg.pruning.schedule))
     started = time.perf_counter()
     seed_everything(cfg.seed, workers=True, verbose=False)
-    net = build_model(cfg.model)
+    net = network(cfg)  # for the data's input shape and classes
     given = _load_dense_checkpoint(cfg.dense.checkpoint, net)  # also before anything is written
     P.check_writable(paths.root)
     with P.locked(paths.root):

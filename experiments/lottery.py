@@ -62,7 +62,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunekit.experiments import training
 from prunekit.experiments.config import CONTROLS, ConfigError, check_config
 from prunekit.experiments.data import FashionMNISTDataModule
-from prunekit.experiments.models import build_model, output_layer_name
+from prunekit.experiments.models import output_layer_name
 from prunekit.experiments.module import Classifier
 from prunekit.experiments.paths import (
     RunFolderError,
@@ -575,7 +575,7 @@ def _resolve_layer_rates(
 def _module(cfg: DictConfig, *, seed: int, train: DictConfig | None = None) -> Classifier:
     """A fresh Classifier around ``cfg.model`` initialised from ``seed``."""
     torch.manual_seed(seed)
-    net = build_model(cfg.model)
+    net = training.network(cfg)  # for the data's input shape and classes
     return training.classifier(net, train if train is not None else cfg.train, cfg.steps_per_round)
 
 

@@ -17,8 +17,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
-from prunekit.experiments.data import FashionMNISTDataModule
+from omegaconf import DictConfig, OmegaConf
+from prunekit.experiments.data import data_shape, datamodule_from_config
+from prunekit.experiments.models import build_model
 from prunekit.experiments.module import Classifier
 from prunekit.experiments.paths import RunFolderError, atomic_write
 from torch import nn
@@ -231,17 +232,21 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def datamodule(cfg: DictConfig, seed: int) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(
-        root=cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        val_size=cfg.data.val_size,
-        seed=seed,
-        subset=cfg.data.subset,
-    )
+def datamodule(cfg: DictConfig, seed: int) -> pl.LightningDataModule:
+    """The config's data module (a registered dataset or ``data._target_``), set up."""
+    dm = datamodule_from_config(OmegaConf.to_container(cfg.data, resolve=True), seed)
     dm.setup("fit")
     dm.setup("test")
     return dm
+
+
+def network(cfg: DictConfig) -> nn.Module:
+    """``cfg.model`` built for the data's ``input_shape`` and ``num_classes`` (the data
+    module is only constructed, not loaded, to read them); seed before calling."""
+    with torch.random.fork_rng(devices=[]):  # a _target_ data module may draw numbers
+        dm = datamodule_from_config(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed)
+    input_shape, num_classes = data_shape(dm)
+    return build_model(cfg.model, num_classes=num_classes, input_shape=input_shape)
 
 
 def classifier(
@@ -257,12 +262,13 @@ def classifier(
         milestones=list(train.milestones),
         gamma=train.gamma,
         max_steps=max_steps,
+        log_every_step=False,  # train metrics only at the steps the loggers write
     )
 
 
 def fit(
     module: Classifier,
-    dm: FashionMNISTDataModule,
+    dm: pl.LightningDataModule,
     *,
     max_steps: int,
     val_every: int,
