@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
@@ -658,8 +659,10 @@ class Pruner:
         for name, param in replaced.items():
             self._targets[name].param = param  # type: ignore[assignment]
         for name in moved:
-            target = self._targets[name]
-            self.masks[name] = self.masks[name].to(target.param.device)
+            target, mask = self._targets[name], self.masks[name]
+            if isinstance(mask, DTensor) or isinstance(target.param, DTensor):
+                mask = like(full_mask(mask), target.param)  # e.g. sharded after the Pruner
+            self.masks[name] = mask.to(local(target.param).device)
             zero_pruned_(target.param, self.masks[name])
             target.seen = _where(target.param)
         if self._optimizers:
@@ -776,7 +779,6 @@ class Pruner:
         self._hook_grads()
         self._step_masks = self._make_step_masks()
         self._refresh_optimizers()
-        return self
 
     def _grad_hook(self, name: str) -> Any:
         def mask_grad(param: Tensor) -> None:

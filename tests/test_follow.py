@@ -501,3 +501,52 @@ def test_attach_unwraps_an_optimizer_wrapper() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         wrapper.step()
     assert_pruned_zero(pruner)
+
+
+# ------------------------------- issue 11 item 4: built before fully_shard
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from prunekit import Pruner
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+pruner = Pruner(model)
+pruner.prune_to(0.5)
+before = {n: m.clone() for n, m in pruner.masks.items()}
+for layer in (model[0], model[2], model):
+    fully_shard(layer)  # replaces every parameter by a DTensor
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+pruner.attach(optimizer)  # follows the new parameters by name
+x = torch.randn(8, 20)
+for _ in range(3):
+    optimizer.zero_grad()
+    model(x).sum().backward()
+    optimizer.step()
+pruner.prune_to(0.7)
+zeros = 0
+for n in pruner.names:
+    w, m = model.get_parameter(n).full_tensor(), pruner.masks[n].full_tensor()
+    assert bool((w[~m] == 0).all()), n
+    assert bool((m <= before[n]).all()), n
+    zeros += int((w == 0).sum())
+assert zeros == pruner.sparsity().pruned == round(0.7 * 900), zeros
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_pruner_built_before_fully_shard_follows_the_sharded_parameters() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run(
+        [sys.executable, "-c", FSDP_SCRIPT, port], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
