@@ -180,3 +180,17 @@ def test_masking_keeps_everything_on_the_tensor_device() -> None:
         with torch.no_grad():
             model.weight.mul_(pruner.masks["weight"].to(model.weight.dtype))
         assert model.weight.device.type == "cuda" and grad.device.type == "cuda"
+
+
+def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(capsys) -> None:
+    """benchmarks/gpu.py (meant for a GPU) checks exactness the same way on the CPU."""
+    from benchmarks import gpu
+
+    args = ["--device", "cpu", "--size", "30k", "--tensors", "3", "--repeats", "1",
+            "--width", "32", "--layers", "1", "--steps", "2", "--rounds", "1"]
+    results = gpu.main(args)
+    g, s = results["global_prune"], results["step"]
+    assert g["parameters"] == 30_000 and g["expected"] == 27_000
+    assert g["pruned"] == 27_000 and g["exact"]
+    assert s["pruned_stay_zero"] and s["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert "exact=True" in capsys.readouterr().out
