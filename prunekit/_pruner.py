@@ -146,8 +146,13 @@ class Pruner:
     name; weights are zeroed where they are False, in place. Change masks only through
     :meth:`prune_to`, :meth:`set_masks` or :meth:`load_state_dict`. After :meth:`attach`,
     gradients of pruned entries are zeroed as they are accumulated and the weights are
-    re-masked after every optimizer step, so a plain PyTorch loop keeps them at zero. The forward pass and the model's
-    ``state_dict`` keys are untouched.
+    re-masked after every optimizer step, so a plain PyTorch loop keeps them at zero. The
+    forward pass and the model's ``state_dict`` keys are untouched.
+
+    The Pruner follows the model by parameter name: at every public call (and at a step
+    whose optimizer groups changed) a target whose parameter object the model replaced
+    (``load_state_dict(assign=True)``, ``to_empty``, ``fully_shard``) keeps its mask and is
+    re-masked; one that vanished or changed shape raises ``RuntimeError`` naming it.
 
     Args:
         model: the module to prune.
@@ -155,10 +160,19 @@ class Pruner:
             ``Conv1D``; embeddings and Hugging Face models' heads stay dense, see
             docs/targets.md), parameter names or globs, module types, or a mapping from a name
             or glob to that target's own settings: a method name or a dict with
-            ``method``, an optional fixed ``sparsity`` and the method's options.
+            ``method``, an optional fixed ``sparsity`` and the method's options. Two
+            names of one tied parameter given different settings are an error. A layer
+            parametrized by ``weight_norm`` is targeted through its direction
+            ``parametrizations.weight.original1`` (v): zeros of v are zeros of the weight
+            ``g * v / ||v||``, and a mask that would prune a whole slice of v (norm 0,
+            NaN weight) is refused. Other parametrizations of a default layer raise
+            unless excluded (their originals' zeros need not be the weight's).
         method: the default method (``list_methods()``).
-        scope: ``"global"`` ranks all default-method targets together (unstructured
-            methods only); ``"layer"`` brings each target to the sparsity separately.
+        scope: ``"global"`` ranks all targets together (unstructured methods only)
+            except those whose mapping entry names another method or a ``sparsity`` of
+            its own: those reach their own amount separately (an entry that keeps the
+            default method, like ``{}`` or ``"magnitude"``, stays in the ranking);
+            ``"layer"`` brings each target to the sparsity separately.
         exclude: names or globs removed from the targets.
         seed: seeds the random methods (identical on every rank under DDP).
         **options: options of the default method, e.g. ``n=1, dim=0``.
