@@ -213,7 +213,8 @@ def compact(
     masks: Mapping[str, Tensor] | None = None,
     pruner: Any = None,
     complete: bool = False,
-) -> fx.GraphModule:
+    blocks_only: bool = False,
+) -> nn.Module:
     """A copy of ``model`` with the dependency groups pruned by ``masks`` (or by
     ``pruner.masks``) physically removed.
 
@@ -222,7 +223,9 @@ def compact(
     next layers' input slices) must be masked or zero too, or the removal would change
     the outputs: that raises ``ValueError`` unless ``complete=True``, which removes them
     anyway (the result then computes what the model with whole-group masks computes).
-    The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged.
+    The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
+    ``blocks_only=True`` (models torch.fx cannot trace, such as Hugging Face BERT) only
+    attention heads and transformer MLP features are removed, in a deep copy of ``model``.
 
     >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     >>> x = torch.randn(3, 4)
@@ -242,7 +245,7 @@ def compact(
         if getattr(pruner, "model", None) is not model:
             raise ValueError("pruner=... prunes another model than the one given to compact")
         masks = pruner.masks
-    graph = DependencyGraph(model, example_input)
+    graph = DependencyGraph(model, example_input, blocks_only=blocks_only)
     pruned = graph.pruned(masks)
     if not complete:
         _check_complete(graph, masks, pruned)
@@ -250,9 +253,9 @@ def compact(
 
 
 @torch.no_grad()
-def _rebuild(graph: DependencyGraph, kept: list[bool]) -> fx.GraphModule:
-    new = copy.deepcopy(graph.gm)
-    nodes = {n.name: n for n in new.graph.nodes}
+def _rebuild(graph: DependencyGraph, kept: list[bool]) -> nn.Module:
+    new = copy.deepcopy(graph.gm if graph.gm is not None else graph.model)
+    nodes = {n.name: n for n in new.graph.nodes} if isinstance(new, fx.GraphModule) else {}
     for name, io in graph.module_io.items():
         kind = io["kind"]
         if kind == "layer":
@@ -275,6 +278,15 @@ def _rebuild(graph: DependencyGraph, kept: list[bool]) -> fx.GraphModule:
                     *(_kept_idx(io[r], kept) for r in ("q", "k", "v", "out")),
                 ),
             )
+        elif kind == "hf_attention":
+            attn = new.get_submodule(name)
+            hd = io["head_dim"]
+            heads = _kept_idx(io["heads"], kept)
+            rows = [h * hd + r for h in heads for r in range(hd)]
+            for proj in ("query", "key", "value"):
+                _shrink(getattr(attn.self, proj), rows, None)
+            _shrink(attn.output.dense, None, rows)
+            attn.self.num_attention_heads, attn.self.all_head_size = len(heads), len(rows)
         elif kind == "reshape":
             _rewrite_reshape(nodes[name.removeprefix("node:")], io, kept)
         elif kind == "pad":
@@ -286,7 +298,8 @@ def _rebuild(graph: DependencyGraph, kept: list[bool]) -> fx.GraphModule:
                 node.args = (node.args[0], tuple(pad), *node.args[2:])
             else:
                 node.kwargs = {**node.kwargs, "pad": tuple(pad)}
-    new.recompile()
+    if isinstance(new, fx.GraphModule):
+        new.recompile()
     return new
 
 

@@ -18,6 +18,7 @@ operation the trace does not understand, applied to tracked channels, raises
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,10 @@ _META_METHODS = {"size", "dim", "numel"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CHANNEL_MIXING_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+#: Hugging Face modules of the BERT family whose heads / intermediate features are
+#: self-contained (checked against transformers 5.18)
+_HF_ATTENTION = {"BertAttention", "RobertaAttention"}
+_HF_LAYER = {"BertLayer", "RobertaLayer"}
 
 
 @dataclass
@@ -137,7 +142,13 @@ class DependencyGraph:
     (3, [('0.weight', 'out', 0), ('0.bias', 'aux', 0), ('2.weight', 'in', 1)])
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Tensor | tuple[Tensor, ...],
+        *,
+        blocks_only: bool = False,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
@@ -145,14 +156,31 @@ class DependencyGraph:
             raise TypeError(
                 f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
             )
+        if not isinstance(blocks_only, bool):
+            raise TypeError(f"blocks_only={blocks_only!r} must be a bool")
         self.model = model
         self.example_input = inputs
+        self.blocks_only = blocks_only
+        self._parent: list[int] = []
+        self._elements: list[_Element] = []
+        self.tracks: dict[str, _Track | None] = {}
+        #: per module: the tracks it reads and writes, for compaction
+        self.module_io: dict[str, dict[str, Any]] = {}
+        self._modules = dict(model.named_modules())
+        self._params = dict(model.named_parameters())
+        self.gm: fx.GraphModule | None = None
+        if blocks_only:
+            self._blocks(model)
+            self.groups = self._build_groups()
+            return
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as e:  # fx raises TraceError, TypeError, RuntimeError...
             raise UnsupportedModelError(
                 f"torch.fx cannot trace {type(model).__name__} (data-dependent control flow or "
-                f"an untraceable call?): {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                f"an untraceable call?): {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
+                "blocks_only=True prunes only inside self-contained blocks (attention heads, "
+                "transformer MLPs), which needs no trace"
             ) from e
         was_training = model.training
         model.eval()
@@ -161,13 +189,6 @@ class DependencyGraph:
                 ShapeProp(self.gm).propagate(*inputs)
         finally:
             model.train(was_training)
-        self._parent: list[int] = []
-        self._elements: list[_Element] = []
-        self.tracks: dict[str, _Track | None] = {}
-        #: per module: the tracks it reads and writes, for compaction
-        self.module_io: dict[str, dict[str, Any]] = {}
-        self._modules = dict(model.named_modules())
-        self._params = dict(model.named_parameters())
         for node in self.gm.graph.nodes:
             self.tracks[node.name] = self._visit(node)
         self.groups = self._build_groups()
@@ -315,7 +336,7 @@ class DependencyGraph:
                 self._pin(tx.ids)  # the residual stream runs through LayerNorm
             for i, layer in enumerate(layers):
                 lname = f"{prefix}{i}" if isinstance(mod, nn.TransformerEncoder) else name
-                self._encoder_layer(node, lname, layer)
+                self._encoder_layer(lname, layer)
             if tx is None:
                 return None
             return _Track(tx.dim, self._new(len(tx.ids), pinned=True))
@@ -395,21 +416,78 @@ class DependencyGraph:
             self._elements[el].producers = {f"{name}.heads"}
         return heads
 
-    def _encoder_layer(self, node: fx.Node, name: str, layer: nn.TransformerEncoderLayer) -> None:
-        attn = layer.self_attn
+    def _encoder_layer(self, name: str, layer: nn.TransformerEncoderLayer) -> None:
+        self._attention_heads(f"{name}.self_attn", layer.self_attn)
+        self._mlp(f"{name}.linear1", layer.linear1, f"{name}.linear2")
+
+    def _attention_heads(self, name: str, attn: nn.MultiheadAttention) -> None:
+        """The heads of an attention whose inputs and outputs all stay."""
         if attn.bias_k is not None or attn.add_zero_attn:
-            raise self._refuse(node, "MultiheadAttention with add_bias_kv/add_zero_attn")
-        heads = self._heads(f"{name}.self_attn", attn)
-        self.module_io[f"{name}.self_attn"] = {"kind": "attention", "q": None, "k": None,
-                                               "v": None, "heads": heads, "out": None}  # fmt: skip
-        ffn = self._new(layer.linear1.out_features)
+            raise UnsupportedModelError(
+                f"{name}: MultiheadAttention with add_bias_kv/add_zero_attn"
+            )
+        heads = self._heads(name, attn)
+        self.module_io[name] = {"kind": "attention", "q": None, "k": None,
+                                "v": None, "heads": heads, "out": None}  # fmt: skip
+
+    def _mlp(self, first: str, layer: nn.Linear, second: str) -> None:
+        """The intermediate features of ``first`` (a Linear) read only by ``second``."""
+        ffn = self._new(layer.out_features)
         for c, e in enumerate(ffn):
-            self._member(e, f"{name}.linear1.weight", "out", 0, c)
-            if layer.linear1.bias is not None:
-                self._member(e, f"{name}.linear1.bias", "aux", 0, c)
-            self._member(e, f"{name}.linear2.weight", "in", 1, c)
-        self.module_io[f"{name}.linear1"] = {"kind": "layer", "in": None, "out": ffn}
-        self.module_io[f"{name}.linear2"] = {"kind": "layer", "in": ffn, "out": None}
+            self._member(e, f"{first}.weight", "out", 0, c)
+            if layer.bias is not None:
+                self._member(e, f"{first}.bias", "aux", 0, c)
+            self._member(e, f"{second}.weight", "in", 1, c)
+        self.module_io[first] = {"kind": "layer", "in": None, "out": ffn}
+        self.module_io[second] = {"kind": "layer", "in": ffn, "out": None}
+
+    def _hf_attention(self, name: str, mod: nn.Module) -> None:
+        """Heads of a Hugging Face BERT-style attention: ``self.query/key/value`` rows of
+        each head and the matching inputs of ``output.dense``."""
+        sa = mod.self
+        hd, n = sa.attention_head_size, sa.num_attention_heads
+        heads = self._new(n)
+        for h, el in enumerate(heads):
+            for r in range(h * hd, (h + 1) * hd):
+                for proj in ("query", "key", "value"):
+                    self._member(el, f"{name}.self.{proj}.weight", "out", 0, r)
+                    if getattr(sa, proj).bias is not None:
+                        self._member(el, f"{name}.self.{proj}.bias", "aux", 0, r)
+                self._member(el, f"{name}.output.dense.weight", "in", 1, r)
+            self._elements[el].producers = {f"{name}.heads"}
+        self.module_io[name] = {"kind": "hf_attention", "heads": heads, "head_dim": hd}
+
+    def _blocks(self, model: nn.Module) -> None:
+        """Groups that stay inside self-contained blocks: whatever the code around them
+        does, it never sees these channels (attention heads, MLP intermediates)."""
+        inside: set[str] = set()
+        for name, mod in model.named_modules():
+            if any(name.startswith(f"{p}.") for p in inside):
+                continue
+            kind = type(mod).__name__
+            if isinstance(mod, nn.TransformerEncoderLayer):
+                self._encoder_layer(name, mod)
+            elif isinstance(mod, nn.MultiheadAttention):
+                self._attention_heads(name, mod)
+            elif kind in _HF_ATTENTION and not getattr(mod.self, "is_decoder", False):
+                self._hf_attention(name, mod)
+                continue  # its dense layers are not a BertLayer's intermediate
+            elif kind in _HF_LAYER:
+                self._mlp(
+                    f"{name}.intermediate.dense", mod.intermediate.dense, f"{name}.output.dense"
+                )
+                continue  # still look inside for the attention
+            else:
+                continue
+            inside.add(name)
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        for el in self._elements:
+            for pname, *_ in el.members:
+                if uses[id(self._params[pname])] > 1:
+                    raise UnsupportedModelError(
+                        f"{pname} is shared with another layer (tied weights): blocks_only=True "
+                        "cannot tell where else it is used"
+                    )
 
     def _visit_getitem(self, node: fx.Node) -> _Track | None:
         src, index = node.args

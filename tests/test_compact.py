@@ -450,7 +450,33 @@ def test_channels_reaching_the_output_or_a_layernorm_are_pinned() -> None:
 
 def test_bert_attention_heads_and_intermediate() -> None:
     transformers = pytest.importorskip("transformers")
-    pytest.skip(f"HF BERT (transformers {transformers.__version__}) is not supported yet")
+    torch.manual_seed(13)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with pytest.raises(UnsupportedModelError, match="blocks_only=True"):
+        DependencyGraph(model, ids)  # torch.fx cannot trace it
+    graph = DependencyGraph(model, ids, blocks_only=True)
+    assert {g.layer for g in graph.groups} == {
+        f"bert.encoder.layer.{i}.{p}"
+        for i in range(2)
+        for p in ("attention.heads", "intermediate.dense")
+    }
+    masks = graph.group_masks(0.5)
+    Pruner(model, targets=graph.param_names).set_masks(masks)
+    small = compact(model, ids, masks=masks, blocks_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+    # by hand: 2 of 4 heads (4 dims each), 16 of 32 intermediate features, hidden 16
+    d, inner, ff = 16, 8, 16
+    embeddings = 50 * d + 16 * d + 2 * d + 2 * d
+    layer = 3 * (d * inner + inner) + (inner * d + d) + 2 * d + (d * ff + ff) + (ff * d + d) + 2 * d
+    assert _params(small) == embeddings + 2 * layer + (d * d + d) + (d * 2 + 2)
+    assert small.bert.encoder.layer[0].attention.self.num_attention_heads == 2
 
 
 def _stage_widths(model: nn.Module, x: torch.Tensor, reduce: str) -> list[int]:
@@ -472,3 +498,13 @@ def test_default_ranking_halves_every_stage_of_a_zero_pad_resnet() -> None:
         0.35 * full <= w <= 0.65 * full for w, full in zip(widths, (16, 32, 64), strict=True)
     )
     assert _stage_widths(model, x, "sum")[0] == 16
+
+
+def test_blocks_only_refuses_a_member_tied_to_another_layer() -> None:
+    enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = nn.Sequential(enc, nn.Linear(8, 16))
+    model[1].weight = enc.linear1.weight  # the MLP's first weight is used twice
+    with pytest.raises(UnsupportedModelError, match=r"0\.linear1\.weight is shared"):
+        DependencyGraph(model, torch.zeros(1, 3, 8), blocks_only=True)
+    model[1].weight = nn.Parameter(torch.randn(16, 8))
+    assert len(DependencyGraph(model, torch.zeros(1, 3, 8), blocks_only=True).groups) == 2 + 16
