@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from prunekit.schedules import FromCallable, Schedule
+from torch import nn
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from prunekit import Pruner, get_method, pack_mask
@@ -22,7 +24,8 @@ _STATE_FORMAT = 2
 
 
 class Pruning(Callback):
-    """Prune a LightningModule to ``schedule(t)`` whenever ``schedule.is_update(t)``.
+    """Prune a LightningModule to ``schedule(t)`` whenever ``schedule.is_update(t)``, or
+    by a relative ``amount`` of what remains at every ``t >= 1``.
 
     ``t`` counts optimizer steps taken (``unit="step"``, the trainer's ``global_step``,
     so gradient accumulation counts optimizer steps, not batches) or epochs completed
@@ -49,10 +52,23 @@ class Pruning(Callback):
       step. Frozen targets (``requires_grad=False``) are pruned like the others.
 
     Args:
-        schedule: a :class:`prunekit.schedules.Schedule`, or any ``t -> sparsity``
-            callable (then checked at every ``t``).
+        schedule: a :class:`prunekit.schedules.Schedule` (absolute sparsity over time),
+            or any ``t -> sparsity`` callable (then checked at every ``t``).
+        amount: instead of a schedule, prune this much of what remains at every
+            ``t >= 1`` (at each epoch end with ``unit="epoch"``): a fraction in [0, 1)
+            (of the remaining weights, or of the remaining slices for structured
+            methods, rounded with Python's ``round``), an int count, or a callable
+            ``t -> fraction or count`` (0 skips ``t``). Like ``ModelPruning``'s
+            ``amount``, counted per target (``scope="layer"``) or over all of them.
         unit: ``"step"`` or ``"epoch"``.
-        targets, method, scope, exclude, seed, options: as for :class:`prunekit.Pruner`.
+        targets, method, scope, exclude, seed, options: as for :class:`prunekit.Pruner`;
+            ``targets`` may also hold ``(module, "weight")`` pairs.
+        after_validation: apply updates at the end of each validation run (not during
+            the sanity check) instead of at step or epoch boundaries: the updates due
+            since the last one are applied there (``t`` is the ``global_step``, or the
+            current epoch + 1 with ``unit="epoch"``).
+        on_update: called as ``on_update(pruner, t)`` after each update (after
+            ``reset_to_initial``), e.g. to re-sample the surviving weights.
         reset_to_initial: after each update, reset surviving weights to their values
             at fit start (lottery-ticket style, like ``ModelPruning``'s
             ``use_lottery_ticket_hypothesis``).
@@ -65,12 +81,15 @@ class Pruning(Callback):
     >>> from prunekit.schedules import Polynomial
     >>> Pruning(Polynomial(0.0, 0.9, begin=0, end=100, frequency=10), unit="step")
     Pruning(schedule=Polynomial(...), unit='step', method='magnitude', scope='global')
+    >>> Pruning(amount=0.3, unit="epoch")  # 30 % of what remains, at each epoch end
+    Pruning(amount=0.3, unit='epoch', method='magnitude', scope='global')
     """
 
     def __init__(
         self,
-        schedule: Schedule | Callable[[int], float],
+        schedule: Schedule | Callable[[int], float] | None = None,
         *,
+        amount: float | int | Callable[[int], float | int] | None = None,
         unit: str = "step",
         targets: Targets = None,
         method: str = "magnitude",
@@ -83,13 +102,27 @@ class Pruning(Callback):
         log_per_layer: bool = False,
         verbose: bool = False,
         name: str | None = None,
+        after_validation: bool = False,
+        on_update: Callable[[Pruner, int], Any] | None = None,
     ) -> None:
-        if not isinstance(schedule, Schedule):
+        if (schedule is None) == (amount is None):
+            raise TypeError(
+                f"give a schedule or an amount, exactly one ({schedule=!r}, {amount=!r})"
+            )
+        if amount is not None:
+            if not callable(amount):
+                _relative_amount(amount, "amount")
+        elif not isinstance(schedule, Schedule):
             if not callable(schedule):
                 raise TypeError(
                     f"schedule={schedule!r} must be a Schedule or a callable t -> sparsity"
                 )
             schedule = FromCallable(schedule)
+        for flag, value in (("after_validation", after_validation),):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}={value!r} must be True or False")
+        if on_update is not None and not callable(on_update):
+            raise TypeError(f"on_update={on_update!r} must be a callable (pruner, t) or None")
         if unit not in UNITS:
             raise ValueError(f"unit={unit!r} must be one of {UNITS}")
         if scope not in SCOPES:
@@ -99,7 +132,10 @@ class Pruning(Callback):
             raise TypeError(f"name={name!r} must be a non-empty str or None")
         self.name = name
         self.schedule = schedule
+        self.amount = amount
         self.unit = unit
+        self.after_validation = after_validation
+        self.on_update = on_update
         self.pruner_args: dict[str, Any] = {
             "targets": targets,
             "method": method,
@@ -161,7 +197,7 @@ class Pruning(Callback):
     ) -> None:
         if self.pruner is not None:
             self._follow_optimizers(trainer)
-        if self.unit == "step":
+        if self.unit == "step" and not self.after_validation:
             self._maybe_update(trainer, pl_module, trainer.global_step)
 
     @override
@@ -173,20 +209,27 @@ class Pruning(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.unit == "step":
+        if self.unit == "step" and not self.after_validation:
             self._maybe_update(trainer, pl_module, trainer.global_step)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.unit == "epoch":
+        if self.unit == "epoch" and not self.after_validation:
             self._maybe_update(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.unit == "epoch":
+        if self.unit == "epoch" and not self.after_validation:
             self._maybe_update(trainer, pl_module, trainer.current_epoch + 1)
         if self.pruner is not None:
             self._log(pl_module, self._metrics(), to_logger=True)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.after_validation or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        t = trainer.global_step if self.unit == "step" else trainer.current_epoch + 1
+        self._maybe_update(trainer, pl_module, t, catch_up=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,7 +275,8 @@ class Pruning(Callback):
             carried = previous.state_dict()  # a second fit of the same module continues
             previous.remove()
         # (a pruner of another module stays with it: its hooks keep that module's zeros)
-        self.pruner = Pruner(pl_module, **self.pruner_args)
+        self.pruner = Pruner(pl_module, **self._pruner_kwargs(pl_module))
+        self._check_overlap(trainer, pl_module)
         self._live, self._hold, self._seen_optimizers = True, False, []
         state = self._pending_state
         if state is not None:
@@ -247,6 +291,31 @@ class Pruning(Callback):
             self._initial = {
                 n: pl_module.get_parameter(n).detach().clone() for n in self.pruner.names
             }
+
+    def _pruner_kwargs(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The Pruner's arguments, ``(module, "weight")`` pairs in ``targets`` named."""
+        kwargs = dict(self.pruner_args)
+        targets = kwargs["targets"]
+        if isinstance(targets, tuple) and len(targets) == 2 and isinstance(targets[0], nn.Module):
+            targets = [targets]
+        if isinstance(targets, list | tuple) and any(isinstance(t, tuple) for t in targets):
+            names = {id(m): n for n, m in pl_module.named_modules(remove_duplicate=False)}
+            kwargs["targets"] = [_pair_name(t, names, pl_module) for t in targets]
+        return kwargs
+
+    def _check_overlap(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.pruner is not None
+        for other in trainer.callbacks:
+            if not isinstance(other, Pruning) or other is self or not other._live:
+                continue
+            shared = set(self.pruner.names) & set(other.pruner.names if other.pruner else ())
+            if shared and other.pruner is not None and other.pruner.model is pl_module:
+                self.pruner = None
+                raise ValueError(
+                    f"{sorted(shared)} are targets of two Pruning callbacks ({other!r} and "
+                    f"{self!r}); each weight follows one schedule: exclude= them from one, "
+                    "or join the schedules (prunekit.schedules.join)"
+                )
 
     def _follow_optimizers(self, trainer: pl.Trainer) -> None:
         """Attach every optimizer of the trainer that holds a target; cheap when nothing
@@ -275,7 +344,7 @@ class Pruning(Callback):
             if k not in ("targets", "method", "scope", "exclude", "seed")
         }
         return {
-            "schedule": _describe(self.schedule),
+            "schedule": self._describe(),
             "unit": self.unit,
             "method": self.pruner_args["method"],
             "scope": self.pruner_args["scope"],
@@ -319,24 +388,70 @@ class Pruning(Callback):
             self._initial = state["initial"]
         self._pending_state = None
 
-    def _maybe_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+    def _maybe_update(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int, catch_up: bool = False
+    ) -> None:
+        """Prune at ``t`` if the schedule (or the relative amount) says so; ``catch_up``:
+        also when an update was due since the last ``t`` checked (after validation)."""
         if t == self._last_t or self.pruner is None:
             return
         self._last_t = t
-        if not self.schedule.is_update(t):
+        if self.schedule is None:
+            self._relative_update(trainer, pl_module, t)
+            return
+        if not (catch_up or self.schedule.is_update(t)):
             return
         target = self.schedule(t)
-        if target == self._target or (self._hold and target < self._target):
+        if target == self._target or ((self._hold or catch_up) and target < self._target):
             return
         self._follow_optimizers(trainer)
         self.pruner.prune_to(target)
         self._target = target
+        self._after_update(trainer, pl_module, t)
+
+    def _relative_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        assert self.pruner is not None
+        if t < 1:  # nothing has trained yet
+            return
+        amount = self.amount(t) if callable(self.amount) else self.amount
+        amount = _relative_amount(amount, f"amount(t={t})" if callable(self.amount) else "amount")
+        if not amount:
+            return
+        masks, method = self.pruner.masks, self.pruner_args["method"]
+        dim = self.pruner_args.get("dim", 0) if "structured" in method else None
+        counts: dict[str, tuple[int, int]] = {}  # name -> (kept, total), in slices if structured
+        for name, mask in masks.items():
+            if dim is None:
+                counts[name] = (int(mask.count_nonzero()), mask.numel())
+            else:
+                alive = mask.flatten(1) if dim == 0 else mask.movedim(dim, 0).flatten(1)
+                counts[name] = (int(alive.any(dim=1).sum()), mask.shape[dim])
+        target: int | dict[str, int]
+        if self.pruner_args["scope"] == "global":
+            kept = sum(k for k, _ in counts.values())
+            total = sum(n for _, n in counts.values())
+            target = total - kept + _count_of(amount, kept, "everything")
+        else:
+            target = {
+                n: total - kept + _count_of(amount, kept, n) for n, (kept, total) in counts.items()
+            }
+        self._follow_optimizers(trainer)
+        self.pruner.prune_to(target)
+        self._target = self.pruner.sparsity().fraction
+        self._after_update(trainer, pl_module, t)
+
+    def _after_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        assert self.pruner is not None
         if self._initial is not None:
             self._reset_survivors(pl_module)
+        if self.on_update is not None:
+            self.on_update(self.pruner, t)
         self._check_ranks_agree(trainer)
         self._log_update(trainer, pl_module)
         if self.verbose:
-            rank_zero_info(f"pruned to {target:.4f} at {self.unit} {t}\n{self.pruner.sparsity()}")
+            rank_zero_info(
+                f"pruned to {self._target:.4f} at {self.unit} {t}\n{self.pruner.sparsity()}"
+            )
 
     @torch.no_grad()
     def _reset_survivors(self, pl_module: pl.LightningModule) -> None:
@@ -347,9 +462,12 @@ class Pruning(Callback):
 
     def _check_ranks_agree(self, trainer: pl.Trainer) -> None:
         """Under DDP, compare a checksum of the masks across ranks; divergence is an error."""
-        if trainer.world_size <= 1 or self.pruner is None:
+        # Sharded (DTensor) masks differ between ranks by design: each holds its shard,
+        # cut by decisions all ranks took from the same all-reduced histograms.
+        replicated = [m for m in self.pruner.masks.values() if not isinstance(m, DTensor)] if self.pruner else []
+        if trainer.world_size <= 1 or not replicated:
             return
-        checksum = torch.stack([_mask_checksum(m) for m in self.pruner.masks.values()]).to(
+        checksum = torch.stack([_mask_checksum(m) for m in replicated]).to(
             trainer.strategy.root_device
         )
         gathered = trainer.strategy.all_gather(checksum)
@@ -375,7 +493,9 @@ class Pruning(Callback):
             logger.log_metrics(
                 {**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step
             )
-        if self.unit == "step":  # epoch updates reach the progress bar from on_train_epoch_end
+        # epoch updates (and those after validation, where self.log is not allowed) reach
+        # the progress bar from on_train_epoch_end
+        if self.unit == "step" and not self.after_validation:
             self._log(pl_module, metrics, to_logger=False)
 
     @staticmethod
@@ -398,7 +518,7 @@ class Pruning(Callback):
         return {
             "format": _STATE_FORMAT,
             "name": self.name,
-            "schedule": _describe(self.schedule),
+            "schedule": self._describe(),
             "unit": self.unit,
             "args": None if self.pruner is None else self._arguments(),
             "last_t": self._last_t,
@@ -422,13 +542,66 @@ class Pruning(Callback):
         state.update(pruner=None, _live=False, _seen_optimizers=[])
         return state
 
+    def _describe(self) -> Any:
+        if self.schedule is not None:
+            return _describe(self.schedule)
+        return None if callable(self.amount) else {"kind": "relative", "amount": self.amount}
+
     def __repr__(self) -> str:
-        kind = type(self.schedule).__name__
+        if self.schedule is None:
+            what = f"amount={'<callable>' if callable(self.amount) else self.amount!r}"
+        else:
+            what = f"schedule={type(self.schedule).__name__}(...)"
         name = "" if self.name is None else f", name={self.name!r}"
         return (
-            f"Pruning(schedule={kind}(...), unit={self.unit!r}, "
+            f"Pruning({what}, unit={self.unit!r}, "
             f"method={self.pruner_args['method']!r}, scope={self.pruner_args['scope']!r}{name})"
         )
+
+
+def _relative_amount(value: Any, name: str) -> float | int:
+    """A relative amount: a fraction in [0, 1) of what remains, or an int count >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name}={value!r} must be a fraction in [0, 1), an int count or a callable"
+        )
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be a count >= 0")
+        return value
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise ValueError(f"{name}={value} must be a fraction of what remains, in [0, 1)")
+    return value
+
+
+def _count_of(amount: float | int, kept: int, where: str) -> int:
+    if isinstance(amount, int):
+        if amount > kept:
+            raise ValueError(f"amount={amount} is more than the {kept} left in {where}")
+        return amount
+    return round(amount * kept)
+
+
+def _pair_name(entry: Any, names: Mapping[int, str], pl_module: nn.Module) -> Any:
+    """``(module, "weight")`` -> ``"path.to.module.weight"``; other entries pass through."""
+    if not isinstance(entry, tuple):
+        return entry
+    if len(entry) != 2 or not isinstance(entry[0], nn.Module) or not isinstance(entry[1], str):
+        raise TypeError(
+            f"targets entry {entry!r} must be a name, a glob, a module type or a (module, 'weight') pair"
+        )
+    module, pname = entry
+    if id(module) not in names:
+        raise ValueError(
+            f"targets entry ({type(module).__name__}, {pname!r}): the module is not part of "
+            f"{type(pl_module).__name__}"
+        )
+    if not isinstance(getattr(module, pname, None), torch.Tensor):
+        raise ValueError(
+            f"targets entry ({type(module).__name__}, {pname!r}): the module has no parameter {pname!r}"
+        )
+    path = names[id(module)]
+    return f"{path}.{pname}" if path else pname
 
 
 def _is_pruning_state(value: Any) -> bool:

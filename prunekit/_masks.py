@@ -21,6 +21,7 @@ from prunekit._select import KeySource, RandomKeys
 from prunekit._select_wide import WideKeys, key_source, select_lowest
 from prunekit._validate import (
     amount_to_count,
+    as_amount,
     check_dim,
     check_finite,
     check_mask,
@@ -150,7 +151,10 @@ def _prune_slices(
     new = _start_mask(t, mask)
     others = [d for d in range(t.ndim) if d != dim]
     alive = new.any(dim=others) if others else new.clone()
-    k = _extra_count(amount, t.shape[dim], t.shape[dim] - int(alive.count_nonzero()))
+    kept = int(alive.count_nonzero())
+    k = _extra_count(amount, t.shape[dim], t.shape[dim] - kept)
+    if k and k == kept and isinstance(as_amount(amount), float) and as_amount(amount) < 1.0:
+        k -= 1  # a fraction below 1 never removes the last slice (1.0 or a count can)
     select_lowest(source, [alive], k, ["t"])
     shape = [1] * t.ndim
     shape[dim] = -1
@@ -170,7 +174,9 @@ def ln_structured_mask(
 ) -> Tensor:
     """Structured pruning: prune whole slices along ``dim`` with the smallest Ln norm.
 
-    ``n`` is 1, 2, ``inf`` or 0 (the count of non-zeros); ``amount`` counts slices.
+    ``n`` is 1, 2, ``inf`` or 0 (the count of non-zeros); ``amount`` counts slices. A
+    fraction below 1 keeps at least one slice (``round(0.9 * 2)`` would prune both rows
+    of a 2-row layer); ``1.0`` or a count of all slices prunes them all.
     ``scores`` (one per slice) replaces the norms. Pruned entries of ``mask`` are zero
     when norms are taken.
 
