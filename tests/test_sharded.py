@@ -94,3 +94,41 @@ def test_state_saved_on_two_ranks_loads_on_four_and_on_one(tmp_path: Path) -> No
     for name, mask in masks.items():
         assert torch.equal(pruner.masks[name], mask)
         assert bool((params[name][~mask] == 0).all())
+
+
+LIGHTNING = Path(__file__).with_name("sharded_lightning_worker.py")
+
+
+def run_lightning(out: Path, devices: int, ckpt: Path | None = None) -> dict[str, Any]:
+    args = [sys.executable, str(LIGHTNING), str(out), str(devices)]
+    done = subprocess.run(args + ([str(ckpt)] if ckpt else []), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_matches_one_process_and_resumes(tmp_path: Path) -> None:
+    """ModelParallelStrategy (FSDP2, 2 ranks) with the Pruning callback: the masks of every
+    update and the logged sparsities equal a one-process run's; a run resumed from the
+    sharded checkpoint written at step 8 ends with the uninterrupted run's masks."""
+    single = run_lightning(tmp_path / "one", 1)
+    sharded = run_lightning(tmp_path / "two", 2)
+    steps = [r["step"] for r in single["records"]]
+    assert steps == [r["step"] for r in sharded["records"]] == [4, 6, 8, 10, 12]
+    for a, b in zip(single["records"], sharded["records"], strict=True):
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), (a["step"], name)
+    # one row per update (and one at the epoch's end), with whole-model values
+    assert sharded["logged"] == single["logged"]
+    assert [r["step"] for r in sharded["logged"]] == [*steps, 13]
+    for row, record in zip(sharded["logged"], sharded["records"], strict=False):
+        total = sum(m.numel() for m in record["masks"].values())
+        pruned = sum(int((~m).sum()) for m in record["masks"].values())
+        assert row["sparsity/actual"] == pytest.approx(pruned / total)
+    ckpt = tmp_path / "two" / "ckpt" / "epoch=0-step=8.ckpt"
+    assert (ckpt / "meta.pt").exists()  # a distributed checkpoint directory
+    resumed = run_lightning(tmp_path / "resumed", 2, ckpt)
+    assert [r["step"] for r in resumed["records"]] == [10, 12]
+    for name, mask in sharded["final"].items():
+        assert torch.equal(resumed["final"][name], mask)

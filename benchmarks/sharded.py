@@ -1,0 +1,133 @@
+"""Global magnitude pruning of a row-sharded model (DTensor ``Shard(0)``, as FSDP2 lays
+it out) on WORLD gloo CPU processes: prunekit (histograms and counts all-reduced) against
+what one would otherwise write (gather the full weights on rank 0, ``kthvalue`` there,
+broadcast the threshold). Wall time (slowest rank) and bytes each rank sends.
+
+Usage::
+
+    .venv/bin/python benchmarks/sharded.py --size 200M --world 2 4
+    .venv/bin/python benchmarks/sharded.py --size 2M --world 2      # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu import parse_size
+from prunekit import Pruner, _distributed
+
+SPARSITY = 0.9
+
+
+def _model(size: int, tensors: int, world: int, rank: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    cols = 1024
+    rows = max(1, size // tensors // cols)
+    model = nn.Module()
+    for i in range(tensors):
+        g = torch.Generator().manual_seed(1000 * i + rank)
+        chunk = -(-rows // world)  # Shard(0) splits rows as torch.chunk does
+        here = max(0, min(chunk, rows - rank * chunk))
+        shard = torch.randn(here, cols, generator=g)  # each rank makes its own block
+        param = DTensor.from_local(shard, mesh, [Shard(0)], shape=(rows, cols), stride=(cols, 1))
+        model.register_parameter(f"w{i}", nn.Parameter(param, requires_grad=False))
+    return model
+
+
+def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _model(size, tensors, world, rank)
+    params = [p for _, p in model.named_parameters()]
+    total = sum(p.numel() for p in params)
+
+    # prunekit: histograms and counts all-reduced
+    pruner = Pruner(model, targets="*")
+    dist.barrier()
+    sent = _distributed.reduced_bytes
+    start = time.perf_counter()
+    pruner.prune_to(SPARSITY)
+    dist.barrier()
+    t_prunekit = time.perf_counter() - start
+    sent = _distributed.reduced_bytes - sent
+    pruned = pruner.sparsity().pruned
+
+    # the alternative: gather every weight on rank 0, kthvalue there, broadcast the threshold
+    dist.barrier()
+    start = time.perf_counter()
+    local = torch.cat([p.to_local().reshape(-1) for p in params])
+    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(local.numel()))
+    gathered = [torch.empty(int(n)) for n in sizes] if rank == 0 else None
+    dist.gather(local, gathered, dst=0)
+    threshold = torch.zeros(())
+    if rank == 0:
+        assert gathered is not None
+        threshold = torch.cat(gathered).abs_().kthvalue(round(SPARSITY * total)).values
+    dist.broadcast(threshold, src=0)
+    masks = [p.to_local().abs() > threshold for p in params]
+    dist.barrier()
+    t_gather = time.perf_counter() - start
+    del masks, gathered
+    if rank == 0:
+        out.write_text(json.dumps({
+            "world": world, "parameters": total, "prunekit_s": t_prunekit,
+            "prunekit_bytes_per_rank": sent, "pruned": pruned,
+            "exact": pruned == round(SPARSITY * total),
+            "gather_s": t_gather, "gather_bytes_per_sending_rank": local.numel() * 4,
+        }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(size: int, tensors: int, world: int) -> dict[str, Any]:
+    out = Path(f"/tmp/prunekit_sharded_{os.getpid()}_{world}.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_run, args=(world, port, size, tensors, out), nprocs=world)
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="200M")
+    parser.add_argument("--tensors", type=int, default=8)
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args(argv)
+    results = []
+    for world in args.world:
+        r = measure(parse_size(args.size), args.tensors, world)
+        results.append(r)
+        print(
+            f"world {world}, {r['parameters']:,} parameters: prunekit {r['prunekit_s']:.2f} s, "
+            f"{r['prunekit_bytes_per_rank'] / 1e6:.2f} MB all-reduced per rank, exact={r['exact']} | "
+            f"gather + kthvalue {r['gather_s']:.2f} s, "
+            f"{r['gather_bytes_per_sending_rank'] / 1e6:.0f} MB sent per rank",
+            flush=True,
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
