@@ -500,6 +500,18 @@ CATALOGUE: list[Bad] = [
     Bad("state-masks-list", "masks given as a list", "Pruner.load_state_dict", Ty, r"state_dict masks must be a mapping, got list", on_pruner(corrupt_state("masks-list"), setup=lambda p: p.prune_to(0.5))),
     Bad("activation-amount", "amount=2.0", "ActivationPruning", V, r"amount=2\.0 must be in \[0, 1\]", on_mlp(lambda m: ActivationPruning(m[0], amount=2.0))),
     Bad("activation-method", "method='random'", "ActivationPruning", V, r"method='random' must be one of \('topk', 'channel'\)", on_mlp(lambda m: ActivationPruning(m[0], 0.5, method="random"))),
+    # ---- engine: dependency groups, compaction, sparse checkpoints
+    Bad("compact-no-masks", "neither masks nor pruner", "compact", V, r"compact needs exactly one of masks=\.\.\. or pruner=\.\.\.", on_mlp(lambda m: prunekit.compact(m, torch.zeros(1, 8)))),
+    Bad("compact-incomplete-masks", "masks pruning 0.weight's row 0 but not its bias", "compact", V, r"0\.bias \(aux slice\) is still non-zero", on_mlp(lambda m: prunekit.compact(m, torch.zeros(1, 8), masks={"0.weight": torch.arange(48).view(6, 8) >= 8}))),
+    Bad("compact-mask-shape", "a mask of another shape", "compact", V, r"masks\['0\.weight'\] must be a bool tensor of shape \(6, 8\)", on_mlp(lambda m: prunekit.compact(m, torch.zeros(1, 8), masks={"0.weight": torch.ones(8, 6, dtype=torch.bool)}))),
+    Bad("groups-example-input", "example_input='x'", "DependencyGraph", Ty, r"example_input must be a tensor or a tuple of tensors, got str", on_mlp(lambda m: prunekit.DependencyGraph(m, "x"))),
+    Bad("groups-scope", "scope='net'", "DependencyGraph.group_masks", V, r"scope='net' must be one of \('layer', 'global'\)", on_mlp(lambda m: prunekit.DependencyGraph(m, torch.zeros(1, 8)).group_masks(0.5, scope="net"))),
+    Bad("groups-amount-all", "amount=1.0 (every group of a layer)", "DependencyGraph.group_masks", V, r"amount=1\.0 would remove every group \(6\) of layer '0'", on_mlp(lambda m: prunekit.DependencyGraph(m, torch.zeros(1, 8)).group_masks(1.0))),
+    Bad("groups-reduce", "reduce='max'", "DependencyGraph.scores", V, r"reduce='max' must be 'normalized', 'mean' or 'sum'", on_mlp(lambda m: prunekit.DependencyGraph(m, torch.zeros(1, 8)).scores("max"))),
+    Bad("groups-unknown-module", "a GRU reading a Linear's channels", "DependencyGraph", V, r"node '_1' \(call_module 1\): module type GRU is not supported on channels", lambda ctx: lambda: prunekit.DependencyGraph(nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2)), torch.zeros(2, 1, 3))),
+    Bad("sparse-not-packed", "a plain state_dict", "decompress_state_dict", V, r"not a prunekit-sparse checkpoint", on_mlp(lambda m: prunekit.decompress_state_dict(m.state_dict()))),
+    Bad("semi-structured-dense", "targets=['0'] whose weight is dense", "to_semi_structured", V, r"targets entry '0': weight is not 2:4 sparse", on_mlp(lambda m: prunekit.to_semi_structured(m, targets=["0"]))),
+    Bad("cli-export-not-a-run", "prunekit export <folder without config.yaml>", "prunekit export", CliError, r"prunekit export: error: .* is not a run folder \(no config\.yaml\)", run_cli("export", "{out}", "--compact")),
     # ---- schedules
     Bad("schedule-final-below-initial", "final < initial", "Polynomial", V, r"final=0\.2 must be >= initial=0\.5", lambda ctx: lambda: Polynomial(0.5, 0.2, begin=0, end=10)),
     Bad("schedule-final-one", "final=1.0 (everything pruned)", "Polynomial", V, r"final=1\.0 must be in \[0, 1\)", lambda ctx: lambda: Polynomial(0.0, 1.0, begin=0, end=10)),
