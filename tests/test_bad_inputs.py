@@ -412,6 +412,119 @@ class NotAnOptimizer:
     optimizer = "sgd"  # an object wrapping something that is not an optimizer
 
 
+# ---------------------------------------------- helpers: run folders (configs, data, CLI)
+import errno  # noqa: E402
+import fcntl  # noqa: E402
+import os  # noqa: E402
+from unittest import mock  # noqa: E402
+
+from prunekit.experiments.config import LotteryConfig  # noqa: E402
+from prunekit.experiments.models import build_model  # noqa: E402
+from prunekit.experiments.paths import (  # noqa: E402
+    RunFolderError,
+    RunPaths,
+    atomic_write,
+    save_torch,
+    write_config,
+)
+
+QUICK_LOTTERY = REPO / "experiments" / "configs" / "quick_lottery.yaml"
+HOLDER = "pid 4242 on host elsewhere since 2026-01-01T00:00:00+00:00"
+
+
+def earlier_run(command: str, make: Callable[[Path], object], *overrides: str) -> Prepare:
+    """``prunekit COMMAND <quick config> out_dir=<out> OVERRIDES`` on the run folder an
+    earlier run left (``config.yaml``, an emptied ``run.lock``), where ``make`` writes
+    the damaged or foreign files."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        schema, path = (GradualConfig, QUICK) if command == "run" else (LotteryConfig, QUICK_LOTTERY)
+        cfg = load_config(schema, path, [f"out_dir={ctx.out}", *overrides])
+        paths = RunPaths.for_config(cfg)
+        paths.root.mkdir(parents=True)
+        write_config(paths.config, cfg)
+        paths.lock.write_text("")
+        make(paths.root)
+        invoke = run_cli(command, str(path), "out_dir={out}", *overrides)(ctx)
+
+        def call() -> None:
+            try:
+                invoke()
+            finally:
+                release_locks()
+
+        return call
+
+    return prepare
+
+
+def cut(path: Path, data: object = None) -> None:
+    """A torch file (or JSON text) cut in half, as a full disk or a copy interrupted leaves it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data[: len(data) // 2])
+        return
+    torch.save(data if data is not None else {"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def lenet_weights(path: Path) -> None:
+    torch.save(build_model("lenet_300_100").state_dict(), path)
+
+
+def finished_round(root: Path) -> None:
+    """Round 0 of a quick lottery run: init.pt, round_00/lottery.{json,pt} (valid)."""
+    lenet_weights(root / "init.pt")
+    (root / "round_00").mkdir()
+    (root / "round_00" / "lottery.json").write_text('{"round": 0, "variant": "lottery"}')
+    weights = build_model("lenet_300_100").state_dict()
+    masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in weights.items() if k.endswith("weight")}
+    torch.save({"masks": masks, "weights": weights}, root / "round_00" / "lottery.pt")
+
+
+def locked_by_another(root: Path) -> None:
+    """Hold ``run.lock`` as another process would (a separate open file: flock conflicts)."""
+    fd = os.open(RunPaths(root).lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{HOLDER}\n".encode())
+    _HELD.append(fd)  # released after the call (earlier_run)
+
+
+_HELD: list[int] = []
+
+
+def release_locks() -> None:
+    while _HELD:
+        os.close(_HELD.pop())
+
+
+def symlinked_run_folder(ctx: Ctx) -> Callable[[], object]:
+    cfg = load_config(GradualConfig, QUICK, [f"out_dir={ctx.out}"])
+    elsewhere = ctx.root / "elsewhere"
+    elsewhere.mkdir()
+    RunPaths.for_config(cfg).root.symlink_to(elsewhere, target_is_directory=True)
+    return lambda: RunPaths.for_config(cfg)
+
+
+def disk_full(ctx: Ctx) -> Callable[[], object]:
+    def write(tmp: Path) -> None:
+        tmp.write_text("{...")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    return lambda: atomic_write(ctx.out / "summary.json", write)
+
+
+def torch_save_fails(ctx: Ctx) -> Callable[[], object]:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] basic_ios::clear: iostream error")
+
+    def call() -> None:
+        with mock.patch.object(torch, "save", full):
+            save_torch(ctx.out / "final.pt", {"w": torch.zeros(3)})
+
+    return call
+
+
 # ------------------------------------------------------------------ catalogue
 V, Ty = ValueError, TypeError
 # fmt: off
@@ -564,11 +677,21 @@ CATALOGUE: list[Bad] = [
     Bad("config-options", "pruning.options={foo: 1}", "load_config", ConfigError, r"pruning: Pruner: option\(s\) \['foo'\]", config("pruning.options={foo: 1}")),
     Bad("config-lr-schedule", "train.lr_schedule=cosin", "load_config", ConfigError, r"train: lr_schedule='cosin' must be one of", config("train.lr_schedule=cosin")),
     Bad("config-subset", "data.subset=60000", "load_config", ConfigError, r"data: subset=60000 must be at most the 55000 training images", config("data.subset=60000")),
+    Bad("config-name-parent", "name=../../x", "load_config", ConfigError, r"name='\.\./\.\./x' must be a plain folder name", config("name=../../x")),
+    Bad("config-name-absolute", "name=/tmp/x", "load_config", ConfigError, r"name='/tmp/x' must be a plain folder name", config("name=/tmp/x")),
+    Bad("config-name-interpolated", "name=${oc.env:...} resolving to an absolute path", "load_config", ConfigError, r"name='/etc' must be a plain folder name", config("name=${oc.env:PRUNEKIT_NO_SUCH_VARIABLE,/etc}")),
+    Bad("config-name-hidden", "name=.hidden (starts with a dot)", "load_config", ConfigError, r"name='\.hidden' must be a plain folder name", config("name=.hidden")),
+    Bad("config-interpolation-missing", "name=${oc.env:<unset variable>}", "load_config", ConfigError, r"cannot resolve 'name': .*PRUNEKIT_NO_SUCH_VARIABLE' not found", config("name=${oc.env:PRUNEKIT_NO_SUCH_VARIABLE}")),
+    Bad("config-interpolation-type", "steps=${name} (a string for an int)", "load_config", ConfigError, r"cannot resolve 'steps': .*could not be converted to Integer", config("steps=${name}")),
+    Bad("config-checkpoint-every", "checkpoint_every=-1", "load_config", ConfigError, r"checkpoint_every=-1 must be >= 0", config("checkpoint_every=-1")),
     # ---- data
     Bad("data-missing-dir", "a data folder that does not exist", "load_fashion_mnist", FileNotFoundError, r"Fashion-MNIST folder not found: .*no-data\. Install the data with", lambda ctx: lambda: load_fashion_mnist(ctx.root / "no-data")),
     Bad("data-truncated-file", "a truncated gzip IDX file", "load_fashion_mnist", V, r"corrupt or truncated gzip file .*t10k-labels-idx1-ubyte\.gz", corrupt_data),
     Bad("data-batch-size", "batch_size=0", "FashionMNISTDataModule", V, r"batch_size=0 must be >= 1", lambda ctx: lambda: FashionMNISTDataModule(batch_size=0)),
     Bad("paths-unwritable", "an output folder below a regular file", "check_writable", PermissionError, r"cannot write the run folder .*a-file/run", unwritable),
+    Bad("paths-run-folder-symlink", "a run folder that is a symbolic link out of out_dir", "RunPaths.for_config", ConfigError, r"the run folder .*quick-gradual-\w+ resolves to .*elsewhere, outside out_dir=.*a run writes only inside out_dir", symlinked_run_folder),
+    Bad("paths-disk-full", "OSError ENOSPC while writing", "atomic_write", RunFolderError, r"cannot write .*summary\.json: No space left on device \(is the disk full", disk_full),
+    Bad("paths-torch-save-iostream", "torch.save failing with 'basic_ios::clear: iostream error'", "save_torch", RunFolderError, r"cannot write .*final\.pt: .*basic_ios::clear: iostream error \(is the disk full", torch_save_fails),
     # ---- the prunekit command
     Bad("cli-command", "prunekit frobnicate", "prunekit (argparse)", CliError, r"invalid choice: 'frobnicate'", run_cli("frobnicate")),
     Bad("cli-config-missing", "prunekit run nope.yaml", "prunekit run", CliError, r"prunekit run: error: config file '.*nope\.yaml' does not exist", run_cli("run", "{root}/nope.yaml")),
@@ -579,6 +702,23 @@ CATALOGUE: list[Bad] = [
     Bad("cli-dense-truncated", "dense.checkpoint=<truncated file>", "prunekit run", CliError, r"prunekit run: error: dense\.checkpoint='.*dense\.pt' cannot be loaded", truncated_dense),
     Bad("cli-dense-foreign", "dense.checkpoint=<another model's weights>", "prunekit run", CliError, r"prunekit run: error: dense\.checkpoint='.*other\.pt' does not fit model=LeNet300100: missing \['fc1\.bias'", foreign_dense),
     Bad("cli-report-missing", "prunekit report <folder without summary.json>", "prunekit report", CliError, r"prunekit report: error: .*no summary\.json", run_cli("report", "{out}")),
+    Bad("cli-override-after-option", "prunekit run quick.yaml --threads 1 trian.lr=0.1", "prunekit run", CliError, r"prunekit run: error: unknown key 'trian'", run_cli("run", str(QUICK), "--threads", "1", "trian.lr=0.1")),
+    Bad("cli-lottery-override-after-option", "prunekit lottery quick.yaml --threads 1 rewind=late", "prunekit lottery", CliError, r"prunekit lottery: error: rewind='late' must be one of", run_cli("lottery", str(QUICK_LOTTERY), "--threads", "1", "rewind=late")),
+    Bad("cli-unknown-option", "prunekit run quick.yaml --thread-count 2", "prunekit (argparse)", CliError, r"unrecognized arguments: --thread-count", run_cli("run", str(QUICK), "--thread-count", "2", "steps=3")),
+    Bad("cli-threads-zero", "--threads 0", "prunekit run", CliError, r"prunekit run: error: --threads=0 must be >= 1", run_cli("run", str(QUICK), "--threads", "0")),
+    Bad("cli-name-outside", "prunekit run quick.yaml name=../escape", "prunekit run", CliError, r"prunekit run: error: name='\.\./escape' must be a plain folder name", run_cli("run", str(QUICK), "out_dir={out}", "name=../escape")),
+    Bad("cli-run-folder-locked", "a run folder another process is running in", "prunekit run", CliError, r"prunekit run: error: the run folder .*quick-gradual-\w+ is in use by pid 4242 on host elsewhere since 2026-01-01", earlier_run("run", locked_by_another)),
+    Bad("cli-lottery-folder-locked", "a lottery run folder another process is running in", "prunekit lottery", CliError, r"prunekit lottery: error: the run folder .*quick-lottery-\w+ is in use by pid 4242", earlier_run("lottery", locked_by_another)),
+    Bad("cli-summary-corrupt", "a truncated summary.json in the run folder", "prunekit run", CliError, r"prunekit run: error: .*quick-gradual-\w+/summary\.json is truncated or corrupt \(not JSON", earlier_run("run", lambda root: cut(root / "summary.json", '{"kind": "gradual", "name": "quick-gradual"}'))),
+    Bad("cli-run-dense-truncated", "a truncated dense.pt in the run folder", "prunekit run", CliError, r"prunekit run: error: .*quick-gradual-\w+/dense\.pt is truncated or corrupt", earlier_run("run", lambda root: cut(root / "dense.pt"))),
+    Bad("cli-run-dense-foreign", "another model's weights as the run folder's dense.pt", "prunekit run", CliError, r"prunekit run: error: .*/dense\.pt does not fit model=LeNet300100: missing \['fc1\.bias'", earlier_run("run", lambda root: torch.save(mlp().state_dict(), root / "dense.pt"))),
+    Bad("cli-run-resume-truncated", "a truncated resume_pruning.ckpt in the run folder", "prunekit run", CliError, r"prunekit run: error: ckpt_path='.*resume_pruning\.ckpt' is not a complete checkpoint .*delete it to start this phase", earlier_run("run", lambda root: (lenet_weights(root / "dense.pt"), cut(root / "resume_pruning.ckpt")))),
+    Bad("cli-lottery-init-truncated", "a truncated init.pt in a lottery run folder", "prunekit lottery", CliError, r"prunekit lottery: error: .*quick-lottery-\w+/init\.pt is truncated or corrupt", earlier_run("lottery", lambda root: cut(root / "init.pt"))),
+    Bad("cli-lottery-init-foreign", "another model's weights as init.pt", "prunekit lottery", CliError, r"prunekit lottery: error: .*/init\.pt does not fit model=lenet_300_100", earlier_run("lottery", lambda root: torch.save(mlp().state_dict(), root / "init.pt"))),
+    Bad("cli-lottery-round-json-truncated", "a truncated round_00/lottery.json", "prunekit lottery", CliError, r"prunekit lottery: error: .*round_00/lottery\.json is truncated or corrupt", earlier_run("lottery", lambda root: (finished_round(root), cut(root / "round_00" / "lottery.json", '{"round": 0, "variant": "lottery"}')))),
+    Bad("cli-lottery-round-state-truncated", "a truncated round_00/lottery.pt", "prunekit lottery", CliError, r"prunekit lottery: error: .*round_00/lottery\.pt is truncated or corrupt", earlier_run("lottery", lambda root: (finished_round(root), cut(root / "round_00" / "lottery.pt")))),
+    Bad("cli-lottery-rewind-truncated", "a truncated rewind.ckpt (rewind=step)", "prunekit lottery", CliError, r"prunekit lottery: error: ckpt_path='.*rewind\.ckpt' is not a complete checkpoint", earlier_run("lottery", lambda root: (finished_round(root), cut(root / "rewind.ckpt")), "rewind=step", "rewind_step=100")),
+    Bad("cli-report-summary-corrupt", "prunekit report <folder with a truncated summary.json>", "prunekit report", CliError, r"prunekit report: error: .*/summary\.json is truncated or corrupt", cli_file("out/summary.json", '{"kind": "lottery", "na', "report", "{out}")),
 ]
 # fmt: on
 
