@@ -666,6 +666,7 @@ class Pruner:
         ]
         if moved:
             self._rebind(replaced, moved)
+        self._hook_unfrozen()
         self._refresh_optimizers()
 
     @torch.no_grad()
@@ -704,6 +705,13 @@ class Pruner:
             else:
                 self._pending.add(name)
         self._grad_hooks = keep
+
+    def _hook_unfrozen(self) -> bool:
+        """Hook the gradients of frozen targets that now require them; whether any did."""
+        if self._pending and any(self._targets[n].param.requires_grad for n in self._pending):
+            self._hook_grads()
+            return True
+        return False
 
     def _refresh_optimizers(self) -> None:
         """Re-read the parameter groups of optimizers whose groups changed (added groups)."""
@@ -806,11 +814,11 @@ class Pruner:
 
         @torch.no_grad()
         def remask(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            # frozen targets: hook their gradients once they train
-            if self._pending and any(self._targets[n].param.requires_grad for n in self._pending):
-                self._hook_grads()
+            unfrozen = self._hook_unfrozen()  # this step saw their unmasked gradients
             if _groups(optimizer) != live.groups:  # groups added or replaced
                 self._follow()
+            if unfrozen:
+                self._clear_optimizer_state()
             for param, name in live.params:
                 self._zero_pruned(name, param)
 

@@ -254,6 +254,23 @@ def test_tied_weight_with_two_specs_raises_naming_both() -> None:
 
 
 # ------------------------------------------------------ 9: NaN-safe masking
+@pytest.mark.parametrize("public_call", [False, True])
+def test_unfrozen_target_keeps_optimizer_state_zero(public_call: bool) -> None:
+    model = mlp()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pruner = Pruner(model).attach(optimizer)
+    pruner.prune_to(0.8)
+    model[0].requires_grad_(True)
+    optimizer.add_param_group({"params": list(model[0].parameters())})
+    if public_call:  # e.g. a callback logging sparsity between unfreezing and the step
+        pruner.sparsity()
+    for step in range(3):
+        train(model, optimizer, 1, seed=step)
+        assert_pruned_zero(pruner)
+        assert_state_zero(pruner, optimizer, model)
+
+
 @pytest.mark.parametrize("cache_masks", [None, True, False])
 def test_inf_gradient_at_a_pruned_entry_never_makes_a_nan_weight(cache_masks: bool | None) -> None:
     model = nn.Linear(8, 4)

@@ -112,6 +112,10 @@ class PrunerMachine(RuleBasedStateMachine):
         self.pruner.attach(optimizer)
         self.optimizers.append(optimizer)
 
+    @rule(layer=st.sampled_from([0, 2]), trainable=st.booleans())
+    def freeze_or_unfreeze(self, layer: int, trainable: bool) -> None:
+        self.model[layer].requires_grad_(trainable)
+
     @precondition(lambda self: bool(self.optimizers))
     @rule(data=st.data())
     def add_param_group(self, data: st.DataObject) -> None:
@@ -133,7 +137,8 @@ class PrunerMachine(RuleBasedStateMachine):
             if inf and name in SHAPES:
                 scale.view(-1)[int(torch.randint(param.numel(), (1,), generator=g))] = math.inf
             loss = loss + (param * scale).sum()
-        loss.backward()
+        if loss.requires_grad:  # not when every layer is frozen
+            loss.backward()
         for name, param, _ in self.pruner._grad_hooks:  # gradients masked as accumulated
             if param is self.model.get_parameter(name) and param.grad is not None:
                 assert bool((param.grad[~self.pruner.masks[name]] == 0).all()), name
