@@ -508,3 +508,17 @@ def test_blocks_only_refuses_a_member_tied_to_another_layer() -> None:
         DependencyGraph(model, torch.zeros(1, 3, 8), blocks_only=True)
     model[1].weight = nn.Parameter(torch.randn(16, 8))
     assert len(DependencyGraph(model, torch.zeros(1, 3, 8), blocks_only=True).groups) == 2 + 16
+
+
+def test_readme_compaction_example(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- compaction example[^>]*-->\n```python\n(.*?)```", text, re.DOTALL)
+    assert block is not None, "README lost its compaction example"
+    namespace: dict = {}
+    exec(compile(block.group(1), "README compaction example", "exec"), namespace)
+    model, small, x = namespace["model"], namespace["small"], torch.randn(2, 1, 28, 28)
+    _assert_same_outputs(model, small, x)
+    assert "parameters" in capsys.readouterr().out
