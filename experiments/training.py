@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,35 @@ def _count_rows(logger: Any) -> int:
         return sum(1 for _ in csv.DictReader(f))
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's adverts for its cloud services ("💡 Tip: ... litlogger/litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's adverts and its CSVLogger warning that "previous log files in this
+    directory will be deleted": the run folder holds our files, which it never deletes
+    (it only rewrites metrics.csv, whose rows :class:`Checkpoints` keeps). Nothing else."""
+    loggers = [
+        logging.getLogger(f"lightning.{part}.utilities.rank_zero") for part in ("pytorch", "fabric")
+    ]
+    adverts = _NoAdverts()
+    for logger in loggers:
+        logger.addFilter(adverts)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", ".*Previous log files in this directory will be deleted.*"
+            )
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(adverts)
+
+
 def progress(line: str) -> None:
     """A progress line on stderr (stdout keeps the result tables)."""
     print(line, file=sys.stderr, flush=True)
@@ -301,23 +332,24 @@ def fit(
     logger = CSVLogger(log_dir, name="", version="") if log_dir is not None else False
     if checkpoints is not None:
         callbacks = [*callbacks, checkpoints]  # last: saves after the others' hooks ran
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        val_check_interval=min(val_every, max_steps),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=logger,
-        log_every_n_steps=max(1, min(50, val_every)),
-        callbacks=list(callbacks),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=sys.stderr.isatty(),
-        deterministic=True,
-        default_root_dir=log_dir,  # nothing is written outside the run folder
-    )
-    with warnings.catch_warnings():
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=max_steps,
+            val_check_interval=min(val_every, max_steps),
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=logger,
+            log_every_n_steps=max(1, min(50, val_every)),
+            callbacks=list(callbacks),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=sys.stderr.isatty(),
+            deterministic=True,
+            default_root_dir=log_dir,  # nothing is written outside the run folder
+        )
+    with _quiet_lightning(), warnings.catch_warnings():
         if resuming:  # said below in our words
             warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
