@@ -4,6 +4,8 @@ prunekit run     experiments/configs/quick_gradual.yaml [key=value ...]
 prunekit lottery experiments/configs/quick_lottery.yaml [key=value ...]
 prunekit report  RUN_DIR [RUN_DIR ...] [--plot comparison.png]
 prunekit export  RUN_DIR --compact | --sparse
+prunekit models | datasets                       # what model= and data.name= accept
+prunekit run CONFIG [key=value ...] --print-config  # every key, its value and help text
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ def _parser() -> argparse.ArgumentParser:
             default=1,
             help="torch CPU threads (default 1: fastest for these small models, no oversubscription)",
         )
+        cmd.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print every config key with its value and help text, and exit (runs nothing)",
+        )
     cmp = sub.add_parser("report", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run folders")
     cmp.add_argument("--plot", type=Path, default=None, help="write a combined plot here (PNG)")
     export.add_parser(sub)
+    sub.add_parser("models", help="list the registered models (for model=...)")
+    sub.add_parser("datasets", help="list the registered datasets (for data.name=...)")
     return parser
 
 
@@ -68,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(report.compare(args.runs, args.plot))
             return 0
+        if args.command in ("models", "datasets"):
+            print(report.registry_table(args.command))
+            return 0
+        if args.print_config:
+            schema = GradualConfig if args.command == "run" else LotteryConfig
+            cfg = load_config(schema, args.config, args.overrides)
+            print(report.config_help(schema, cfg))
+            return 0
         if args.threads < 1:
             raise ConfigError(f"--threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             run = RunPaths.for_config(cfg).root
             if not RunPaths(run).sparsity_plot.is_file():  # else: a finished run, reported
                 report.plot_sparsity(run, RunPaths(run).sparsity_plot)
+            if not RunPaths(run).accuracy_plot.is_file():
+                report.plot_gradual([(run, summary)], RunPaths(run).accuracy_plot)
             print(report.gradual_table(summary))
         else:
             from prunekit.experiments.lottery import lottery_table, run_lottery

@@ -50,6 +50,7 @@ __all__ = [
     "build_datamodule",
     "data_shape",
     "datamodule_from_config",
+    "describe_datasets",
     "list_datasets",
     "load_fashion_mnist",
     "load_idx_folder",
@@ -514,6 +515,33 @@ def list_datasets() -> list[str]:
     True
     """
     return sorted(_REGISTRY)
+
+
+def describe_datasets() -> dict[str, str]:
+    """Each registered name with the first line of its docstring, input shape, classes and
+    default folder (what the class declares; nothing is loaded).
+
+    >>> print(describe_datasets()["fashion_mnist"])  # doctest: +ELLIPSIS
+    Fashion-MNIST held in memory: ... (input 1x28x28, 10 classes, folder /usr/share/datasets/fashion-mnist)
+    """
+    out = {}
+    for name in list_datasets():
+        factory = _REGISTRY[name]
+        doc = (factory.__doc__ or "").strip()
+        facts = []
+        shape, classes = (
+            getattr(factory, "input_shape", None),
+            getattr(factory, "num_classes", None),
+        )
+        if isinstance(shape, tuple):
+            facts.append("input " + "x".join(map(str, shape)))
+        if isinstance(classes, int):
+            facts.append(f"{classes} classes")
+        if getattr(factory, "default_root", None):
+            facts.append(f"folder {factory.default_root}")
+        line = doc.splitlines()[0] if doc else ""
+        out[name] = f"{line} ({', '.join(facts)})" if facts else line
+    return out
 
 
 def build_datamodule(name: str, **kwargs: Any) -> L.LightningDataModule:

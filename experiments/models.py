@@ -39,6 +39,7 @@ __all__ = [
     "LeNet300100",
     "ResNet20",
     "build_model",
+    "describe_models",
     "list_models",
     "output_layer_name",
     "register_model",
@@ -86,6 +87,20 @@ def list_models() -> list[str]:
     True
     """
     return sorted(_REGISTRY)
+
+
+def describe_models() -> dict[str, str]:
+    """Each registered name with the first line of its factory's docstring.
+
+    >>> describe_models()["conv4"]
+    'Conv-4: 64, 64, pool, 128, 128, pool; fc 256, 256, classes.'
+    """
+    return {name: _first_line(_REGISTRY[name]) for name in list_models()}
+
+
+def _first_line(obj: object) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:

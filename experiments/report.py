@@ -1,4 +1,10 @@
-"""Result tables and plots of finished runs, and ``prunekit report`` across runs."""
+"""Result tables and plots of finished runs, and ``prunekit report`` across runs.
+
+Runs are grouped by experiment name (and kind); a group's runs differ only in their seed.
+Every spread shown, in tables and plots, is the **sample** standard deviation over the
+seeds (n - 1 in the denominator, ``statistics.stdev``), and says so. Each experiment name
+gets its own plot, never pooled with another name.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import csv
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,41 +89,201 @@ def plot_sparsity(run: Path, path: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ statistics
+SPREAD = "mean ± sample std (n-1) over seeds"
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float | None, int]:
+    """``(mean, sample std, n)``; the std is None for a single value.
+
+    >>> mean_std([0.5, 0.75, 1.0])  # std = sqrt((0.25**2 + 0 + 0.25**2) / (3 - 1)) = 0.25
+    (0.75, 0.25, 3)
+    """
+    present = list(values)
+    if not present:
+        raise ValueError("mean_std needs at least one value")
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return statistics.fmean(present), std, len(present)
+
+
+def _mean_std(values: Sequence[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    mean, std, _ = mean_std(present)
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _one_name(summaries: Sequence[dict[str, Any]]) -> str:
+    names = sorted({s["name"] for s in summaries})
+    if len(names) != 1:
+        raise ValueError(f"one experiment per plot, got names {names} (never pooled)")
+    return names[0]
+
+
 # ------------------------------------------------------------------ lottery
-def plot_lottery(
-    summaries: Sequence[dict[str, Any]], path: Path, *, metric: str = "test_acc_early_stop"
-) -> Path:
-    """Accuracy against weights remaining (log x), one line per rewind mode or control,
-    mean ± spread over the given runs (seeds), as in the LTH paper's figures."""
+def lottery_points(
+    summaries: Sequence[dict[str, Any]], metric: str = "test_acc_early_stop"
+) -> dict[str, list[tuple[float, float, float | None, int]]]:
+    """Per line (rewind mode or control): ``(remaining, mean, sample std, n)`` per round,
+    over the given runs (the seeds of one experiment), most weights first.
+
+    >>> def rec(r, rem, acc):
+    ...     return {"round": r, "variant": "lottery", "remaining": rem, "test_acc_early_stop": acc}
+    >>> runs = [{"name": "x", "rewind": "init", "rounds": [rec(0, 1.0, 0.9), rec(1, 0.8, a)]}
+    ...         for a in (0.5, 1.0)]
+    >>> lottery_points(runs)["lottery (rewind=init)"]  # sample std of (0.5, 1.0): sqrt(0.125)
+    [(1.0, 0.9, 0.0, 2), (0.8, 0.75, 0.3535533905932738, 2)]
+    """
+    _one_name(summaries)
     series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for summary in summaries:
         for record in summary["rounds"]:
-            label = (
-                record["variant"]
-                if record["variant"] != "lottery"
-                else f"lottery (rewind={summary['rewind']})"
-            )
+            variant = record["variant"]
+            label = f"lottery (rewind={summary['rewind']})" if variant == "lottery" else variant
             series[label][round(record["remaining"], 6)].append(record[metric])
+    return {
+        label: [(x, *mean_std(points[x])) for x in sorted(points, reverse=True)]
+        for label, points in series.items()
+    }
+
+
+def lottery_figure(
+    summaries: Sequence[dict[str, Any]], *, metric: str = "test_acc_early_stop"
+) -> Any:
+    """Accuracy against weights remaining (log x) of one experiment: one line per rewind
+    mode or control, mean ± sample std over its seeds, and the dense round 0 as reference."""
+    name = _one_name(summaries)
     fig, ax = _axes(
-        "accuracy vs weights remaining", "weights remaining (%)", metric.replace("_", " ")
+        f"{name}: accuracy vs weights remaining\n({SPREAD})",
+        "weights remaining (%)",
+        metric.replace("_", " "),
     )
-    for label, points in series.items():
-        xs = sorted(points, reverse=True)
-        means = [statistics.fmean(points[x]) for x in xs]
-        spread = [statistics.pstdev(points[x]) for x in xs]
+    for label, points in lottery_points(summaries, metric).items():
+        n = max(p[3] for p in points)
         ax.errorbar(
-            [100 * x for x in xs],
-            means,
-            yerr=spread,
+            [100 * p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] or 0.0 for p in points],
             marker="o",
             markersize=3,
             capsize=2,
-            label=label,
+            label=f"{label} (n={n})",
         )
+    dense, _, n = mean_std(r[metric] for s in summaries for r in s["rounds"] if r["round"] == 0)
+    ax.axhline(dense, linestyle=":", color="0.4", label=f"dense, round 0 (mean of {n})")
     ax.set_xscale("log")
     ax.invert_xaxis()
-    ax.legend()
-    fig.savefig(path)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_lottery(
+    summaries: Sequence[dict[str, Any]], path: Path, *, metric: str = "test_acc_early_stop"
+) -> Path:
+    """:func:`lottery_figure` of one experiment's runs (seeds), written to ``path``."""
+    lottery_figure(summaries, metric=metric).savefig(path)
+    return path
+
+
+# ------------------------------------------------------------------ gradual accuracy
+def gradual_curve(run: Path, summary: dict[str, Any]) -> tuple[list[tuple[int, float]], int]:
+    """Validation accuracy against the run's optimizer step, dense phase included, and the
+    step where pruning started (0: no dense phase in this folder).
+
+    The dense phase comes from ``dense/metrics.csv`` (Lightning writes a validation with
+    ``step = global_step - 1``), the pruning phase from the summary's evaluations, shifted
+    by ``dense.steps`` of the run's ``config.yaml``.
+    """
+    dense_csv = Path(run) / "dense" / "metrics.csv"
+    points: list[tuple[int, float]] = []
+    offset = 0
+    if dense_csv.is_file():
+        with open(dense_csv, newline="") as f:
+            points = [
+                (int(row["step"]) + 1, float(row["val/acc"]))
+                for row in csv.DictReader(f)
+                if row.get("val/acc")
+            ]
+        config = RunPaths(Path(run)).config
+        if config.is_file():
+            offset = int(_yaml(config).get("dense", {}).get("steps", 0))
+        offset = offset or (points[-1][0] if points else 0)
+    points += [(offset + e["step"], e["val_acc"]) for e in summary["evaluations"]]
+    return points, offset
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    return data if isinstance(data, dict) else {}
+
+
+def gradual_figure(runs: Sequence[tuple[Path, dict[str, Any]]]) -> Any:
+    """One gradual experiment (its seeds): test accuracy against sparsity (each seed, their
+    mean ± sample std, the dense reference) and validation accuracy against the step with
+    the dense phase shaded (mean over seeds, ± sample std band)."""
+    from matplotlib.figure import Figure
+
+    summaries = [s for _, s in runs]
+    name = _one_name(summaries)
+    fig = Figure(figsize=(11, 4.5), dpi=110, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    fig.suptitle(f"{name}: gradual pruning ({SPREAD})")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+
+    sparsity = [s["sparsity"] for s in summaries]
+    accuracy = [s["pruned_test_acc"] for s in summaries]
+    left.scatter(sparsity, accuracy, s=12, color="0.6", label=f"each seed (n={len(runs)})")
+    mean_sparsity, _, _ = mean_std(sparsity)
+    mean_acc, std_acc, n = mean_std(accuracy)
+    left.errorbar(
+        [mean_sparsity],
+        [mean_acc],
+        yerr=[std_acc or 0.0],
+        marker="o",
+        capsize=3,
+        label=f"pruned, mean (n={n})",
+    )
+    dense = [s["dense_test_acc"] for s in summaries if s["dense_test_acc"] is not None]
+    if dense:
+        dense_mean, _, dense_n = mean_std(dense)
+        left.axhline(dense_mean, linestyle=":", color="0.4", label=f"dense (mean of {dense_n})")
+    left.set(xlabel="sparsity (measured)", ylabel="test accuracy (end)")
+    left.set_title("accuracy vs sparsity")
+    left.legend(fontsize="small")
+
+    curves = [gradual_curve(run, summary) for run, summary in runs]
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for points, _ in curves:
+        for step, acc in points:
+            by_step[step].append(acc)
+    steps = sorted(by_step)
+    stats = [mean_std(by_step[t]) for t in steps]
+    means = [m for m, _, _ in stats]
+    right.plot(steps, means, marker="o", markersize=3, label=f"val accuracy (mean of {len(runs)})")
+    if len(runs) > 1:
+        right.fill_between(
+            steps,
+            [m - (sd or 0.0) for m, sd, _ in stats],
+            [m + (sd or 0.0) for m, sd, _ in stats],
+            alpha=0.25,
+            label="± sample std",
+        )
+    start = max(offset for _, offset in curves)
+    if start:
+        right.axvspan(0, start, color="0.85", label=f"dense phase (steps 0-{start})")
+    right.set(xlabel="optimizer step", ylabel="validation accuracy")
+    right.set_title("accuracy vs step")
+    right.legend(fontsize="small")
+    return fig
+
+
+def plot_gradual(runs: Sequence[tuple[Path, dict[str, Any]]], path: Path) -> Path:
+    """:func:`gradual_figure` of one gradual experiment's runs, written to ``path``."""
+    gradual_figure(runs).savefig(path)
     return path
 
 
@@ -134,12 +300,14 @@ def load_summaries(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
-    """A comparison table of finished runs (grouped by name, mean ± std over seeds) and,
-    with ``plot_path``, a combined plot."""
+    """A comparison table of finished runs (grouped by kind and name, mean ± sample std
+    over seeds) and, with ``plot_path``, one plot per experiment: ``plot_path`` itself when
+    there is one, else ``<stem>-<name><suffix>`` beside it. The text ends with the paths
+    written."""
     summaries = load_summaries(runs)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for s in summaries:
-        groups[(s["kind"], s["name"])].append(s)
+    groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
+    for run, s in zip(runs, summaries, strict=True):
+        groups[(s["kind"], s["name"])].append((Path(run), s))
     lines = []
     gradual = [(k, g) for k, g in groups.items() if k[0] == "gradual"]
     if gradual:
@@ -147,17 +315,19 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
             [
                 name,
                 len(g),
-                _mean_std([s["dense_test_acc"] for s in g]),
-                _mean_std([s["pruned_test_acc"] for s in g]),
-                _mean_std([s["sparsity"] for s in g]),
+                _mean_std([s["dense_test_acc"] for _, s in g]),
+                _mean_std([s["pruned_test_acc"] for _, s in g]),
+                _mean_std([s["sparsity"] for _, s in g]),
             ]
             for (_, name), g in gradual
         ]
+        lines.append(f"gradual runs ({SPREAD})")
         lines.append(table(["run", "seeds", "dense acc", "pruned acc", "sparsity"], rows))
-    lottery = [(k, g) for k, g in groups.items() if k[0] == "lottery"]
-    for (_, name), g in lottery:
+    for (kind, name), g in groups.items():
+        if kind != "lottery":
+            continue
         by_round: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
-        for s in g:
+        for _, s in g:
             for r in s["rounds"]:
                 by_round[(r["round"], r["variant"])].append(r)
         rows = [
@@ -171,34 +341,87 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
             ]
             for (r, variant), records in sorted(by_round.items())
         ]
-        lines.append(f"{name} (rewind={g[0]['rewind']})")
+        lines.append(f"{name} (rewind={g[0][1]['rewind']}; {SPREAD})")
         lines.append(
             table(["round", "variant", "remaining", "seeds", "acc (early stop)", "acc (end)"], rows)
         )
     if plot_path is not None:
-        if lottery:
-            plot_lottery([s for _, g in lottery for s in g], plot_path)
-        else:
-            _plot_gradual_bars([(name, g) for (_, name), g in gradual], plot_path)
+        lines.append("\n".join(f"plot written: {p}" for p in _plot_groups(groups, Path(plot_path))))
     return "\n\n".join(lines)
 
 
-def _mean_std(values: Sequence[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    if len(present) == 1:
-        return f"{present[0]:.4f}"
-    return f"{statistics.fmean(present):.4f} ± {statistics.stdev(present):.4f}"
+def _plot_groups(
+    groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]], plot_path: Path
+) -> list[Path]:
+    """One plot per experiment (kind, name); the name goes into the file name when there
+    are several (and the kind too when two kinds share a name)."""
+    names = [name for _, name in groups]
+    written = []
+    for (kind, name), g in groups.items():
+        path = plot_path
+        if len(groups) > 1:
+            tag = name if names.count(name) == 1 else f"{name}-{kind}"
+            path = plot_path.with_name(f"{plot_path.stem}-{tag}{plot_path.suffix}")
+        if kind == "lottery":
+            plot_lottery([s for _, s in g], path)
+        else:
+            plot_gradual(g, path)
+        written.append(path)
+    return written
 
 
-def _plot_gradual_bars(groups: Sequence[tuple[str, list[dict[str, Any]]]], path: Path) -> Path:
-    fig, ax = _axes("test accuracy against sparsity", "sparsity", "test accuracy")
-    for name, g in groups:
-        ax.scatter([s["sparsity"] for s in g], [s["pruned_test_acc"] for s in g], label=name)
-        dense = [s["dense_test_acc"] for s in g if s["dense_test_acc"] is not None]
-        if dense:
-            ax.axhline(statistics.fmean(dense), linestyle=":", color="0.5")
-    ax.legend()
-    fig.savefig(path)
-    return path
+# ------------------------------------------------------------------ listings
+def registry_table(what: str) -> str:
+    """``prunekit models`` / ``prunekit datasets``: each registered name, described.
+
+    >>> print(registry_table("models").splitlines()[0])
+    model          description
+    """
+    if what == "models":
+        from prunekit.experiments.models import describe_models
+
+        rows = describe_models()
+        extra = "model= also takes an import path (package.module.Class) of your own model"
+    elif what == "datasets":
+        from prunekit.experiments.data import describe_datasets
+
+        rows = describe_datasets()
+        extra = (
+            "data._target_= takes an import path of your own LightningDataModule; register "
+            "an IDX dataset with @register_dataset (prunekit.experiments.data)"
+        )
+    else:
+        raise ValueError(f"{what=} must be 'models' or 'datasets'")
+    return table([what[:-1], "description"], [[k, v] for k, v in rows.items()]) + f"\n\n{extra}"
+
+
+def config_help(schema: type, cfg: Any) -> str:
+    """Every key of ``cfg`` (a loaded ``schema`` config) with its value and help text.
+
+    >>> from prunekit.experiments.config import GradualConfig, load_config
+    >>> text = config_help(GradualConfig, load_config(GradualConfig, None, ["name=x", "steps=5"]))
+    >>> text.splitlines()[:2]
+    ['name = x', '    experiment name; the run folder is named from it and the config']
+    """
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import OmegaConf
+
+    lines: list[str] = []
+
+    def walk(node: type, prefix: str) -> None:
+        for f in fields(node):
+            key = f"{prefix}{f.name}"
+            default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
+            if is_dataclass(default):
+                walk(type(default), f"{key}.")
+                continue
+            value = OmegaConf.select(cfg, key)
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True)
+            shown = json.dumps(value) if not isinstance(value, str) else value
+            lines.append(f"{key} = {shown}")
+            lines.append(f"    {f.metadata.get('help', '')}")
+
+    walk(schema, "")
+    return "\n".join(lines)
