@@ -80,6 +80,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
     ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    out.mkdir(parents=True, exist_ok=True)
     pruning = Recorder(Polynomial(0.0, 0.8, begin=2, end=12, frequency=2), seed=5)
     pruning.records = []
     metrics = Metrics()
