@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -272,8 +273,12 @@ class Pruning(Callback):
         previous = self.pruner
         carried = None
         if previous is not None and previous.model is pl_module:
-            carried = previous.state_dict()  # a second fit of the same module continues
-            previous.remove()
+            try:  # a second fit of the same module continues
+                carried = previous.state_dict()
+                previous.remove()
+            except (RuntimeError, ValueError) as e:  # the engine found a replaced parameter
+                self.pruner = None
+                raise _changed(pl_module, e) from e
         # (a pruner of another module stays with it: its hooks keep that module's zeros)
         self.pruner = Pruner(pl_module, **self._pruner_kwargs(pl_module))
         self._check_overlap(trainer, pl_module)
@@ -282,7 +287,11 @@ class Pruning(Callback):
         if state is not None:
             self._restore(state)
         elif carried is not None:
-            self.pruner.load_state_dict(carried)
+            try:
+                self.pruner.load_state_dict(carried)
+            except ValueError as e:
+                self.pruner = None
+                raise _changed(pl_module, e) from e
             self._last_t, self._hold = None, True  # t restarts with this trainer's step count
         else:  # a new module (or a copy of this callback): start afresh
             self._last_t, self._target, self._initial = None, 0.0, None
@@ -559,16 +568,25 @@ class Pruning(Callback):
         )
 
 
+def _changed(pl_module: nn.Module, error: Exception) -> ValueError:
+    return ValueError(
+        f"{type(pl_module).__name__} changed since its previous fit with this callback "
+        f"({error}); its masks cannot be carried over: use a new Pruning callback to start afresh"
+    )
+
+
 def _relative_amount(value: Any, name: str) -> float | int:
-    """A relative amount: a fraction in [0, 1) of what remains, or an int count >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A relative amount: a fraction in [0, 1) of what remains, or an int count >= 0
+    (numpy numbers count as what they hold)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{name}={value!r} must be a fraction in [0, 1), an int count or a callable"
         )
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         if value < 0:
             raise ValueError(f"{name}={value} must be a count >= 0")
-        return value
+        return int(value)
+    value = float(value)
     if not 0.0 <= value < 1.0:  # also refuses NaN
         raise ValueError(f"{name}={value} must be a fraction of what remains, in [0, 1)")
     return value

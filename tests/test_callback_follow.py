@@ -308,3 +308,17 @@ def test_an_optimizer_replaced_during_fit_is_followed() -> None:
     assert isinstance(fit.optimizers[0], torch.optim.SGD)
     assert watch.pruned[-1] == round(0.6 * N)
     assert zeros(model) >= round(0.6 * N)
+
+
+def test_second_fit_of_a_changed_module_is_refused_naming_it() -> None:
+    pruning = Pruning(Constant(0.5))
+    model = TinyNet()
+    trainer(max_steps=2, callbacks=[pruning]).fit(model, loader())
+    model.net[4] = nn.Linear(16, 5)  # a new head, of another shape
+    with pytest.raises(
+        ValueError, match=r"TinyNet changed since its previous fit .*net\.4\.weight"
+    ):
+        trainer(max_steps=2, callbacks=[pruning]).fit(model, loader())
+    fresh = Pruning(Constant(0.5))  # what the message advises
+    trainer(max_steps=2, callbacks=[fresh]).fit(model, loader())
+    assert fresh.pruner.sparsity().pruned == round(0.5 * (12 * 32 + 32 * 16 + 16 * 5))

@@ -370,3 +370,44 @@ def test_two_callbacks_on_the_same_weights_are_refused_by_name() -> None:
         ValueError, match=r"\['net.2.weight'\] are targets of two Pruning callbacks"
     ):
         trainer(max_steps=1, callbacks=[first, second]).fit(TinyNet(), loader())
+
+
+def test_relative_amount_resumes_exactly(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs: int, ckpt: str | None = None, save: bool = False) -> Pruning:
+        pruning = Pruning(amount=0.25, unit="epoch", scope="layer")
+        callbacks: list[Callback] = [pruning]
+        if save:
+            callbacks.append(ModelCheckpoint(tmp_path, filename="{epoch}", save_top_k=-1))
+        trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=save).fit(
+            TinyNet(), loader(length=2), ckpt_path=ckpt
+        )
+        return pruning
+
+    straight = run(4)
+    run(2, save=True)
+    resumed = run(4, ckpt=str(tmp_path / "epoch=1.ckpt"))
+    for name, mask in straight.pruner.masks.items():
+        assert torch.equal(resumed.pruner.masks[name], mask), name
+    size = 12 * 32
+    kept = size
+    for _ in range(4):
+        kept -= round(0.25 * kept)
+    assert int((~straight.pruner.masks["net.0.weight"]).sum()) == size - kept
+    with pytest.raises(
+        ValueError, match=r"written with schedule=\{'kind': 'relative', 'amount': 0\.25\}"
+    ):
+        trainer(max_epochs=4, callbacks=[Pruning(amount=0.3, unit="epoch", scope="layer")]).fit(
+            TinyNet(), loader(length=2), ckpt_path=str(tmp_path / "epoch=1.ckpt")
+        )
+
+
+def test_relative_amount_callable_is_checked_when_called() -> None:
+    import numpy as np
+
+    pruning = Pruning(amount=lambda t: np.float32(0.5) if t == 1 else 1.5, unit="step")
+    fit_ = trainer(max_steps=4, callbacks=[pruning])
+    with pytest.raises(ValueError, match=r"amount\(t=2\)=1\.5 must be a fraction of what remains"):
+        fit_.fit(TinyNet(), loader())
+    assert pruning.pruner.sparsity().pruned == round(0.5 * (12 * 32 + 32 * 16 + 16 * 3))
