@@ -301,6 +301,25 @@ def _prunings(kwargs: dict[str, Any]) -> list[Pruning]:
     return [Pruning(Constant(0.5), name=n, targets=t, **kwargs) for n, t in names]
 
 
+def pair_target(module: Callable[[TinyNet], nn.Module], pname: str) -> Prepare:
+    """Fit TinyNet with ``Pruning(targets=[(module(model), pname)])``."""
+
+    def prepare(ctx: Ctx) -> Callable[[], object]:
+        ctx.model = TinyNet()
+        pruning = Pruning(Constant(0.5), targets=[(module(ctx.model), pname)])
+        fit = trainer(max_steps=2, callbacks=[pruning], default_root_dir=ctx.out)
+        return lambda: fit.fit(ctx.model, loader())
+
+    return prepare
+
+
+def two_on_one_weight(ctx: Ctx) -> Callable[[], object]:
+    ctx.model = TinyNet()
+    both = [Pruning(Constant(0.5), name="a"), Pruning(Constant(0.2), targets="net.2.weight", name="b")]
+    fit = trainer(max_steps=2, callbacks=both, default_root_dir=ctx.out)
+    return lambda: fit.fit(ctx.model, loader())
+
+
 def two_unnamed(ctx: Ctx) -> Callable[[], object]:
     ctx.model = TinyNet()
     fit = trainer(max_steps=2, callbacks=[Pruning(Constant(0.5), targets="net.0.weight")], default_root_dir=ctx.out)
@@ -660,6 +679,16 @@ CATALOGUE: list[Bad] = [
     Bad("callback-two-unnamed", "two unnamed Pruning callbacks (the second added after the Trainer was built)", "Trainer.fit with Pruning", V, r"two Pruning callbacks in one Trainer share state_key='Pruning'.*give each a distinct name=", two_unnamed),
     Bad("callback-name-empty", "name=''", "Pruning", Ty, r"name='' must be a non-empty str or None", lambda ctx: lambda: Pruning(Constant(0.5), name="")),
     Bad("callback-scope", "scope='net'", "Pruning", V, r"scope='net' must be one of \('global', 'layer'\)", lambda ctx: lambda: Pruning(Constant(0.5), scope="net")),
+    Bad("callback-schedule-and-amount", "a schedule and an amount", "Pruning", Ty, r"give a schedule or an amount, exactly one \(schedule=Constant\(.*\), amount=0\.3\)", lambda ctx: lambda: Pruning(Constant(0.5), amount=0.3)),
+    Bad("callback-neither", "no schedule and no amount", "Pruning", Ty, r"give a schedule or an amount, exactly one \(schedule=None, amount=None\)", lambda ctx: lambda: Pruning()),
+    Bad("callback-amount-one", "amount=1.0 (everything that remains)", "Pruning", V, r"amount=1\.0 must be a fraction of what remains, in \[0, 1\)", lambda ctx: lambda: Pruning(amount=1.0)),
+    Bad("callback-amount-negative", "amount=-3", "Pruning", V, r"amount=-3 must be a count >= 0", lambda ctx: lambda: Pruning(amount=-3)),
+    Bad("callback-amount-str", "amount='0.3'", "Pruning", Ty, r"amount='0\.3' must be a fraction in \[0, 1\), an int count or a callable", lambda ctx: lambda: Pruning(amount="0.3")),
+    Bad("callback-after-validation", "after_validation='yes'", "Pruning", Ty, r"after_validation='yes' must be True or False", lambda ctx: lambda: Pruning(Constant(0.5), after_validation="yes")),
+    Bad("callback-on-update", "on_update=5", "Pruning", Ty, r"on_update=5 must be a callable \(pruner, t\) or None", lambda ctx: lambda: Pruning(Constant(0.5), on_update=5)),
+    Bad("callback-pair-foreign-module", "targets=[(a Linear of another model, 'weight')]", "Trainer.fit with Pruning", V, r"targets entry \(Linear, 'weight'\): the module is not part of TinyNet", pair_target(lambda m: nn.Linear(2, 2), "weight")),
+    Bad("callback-pair-no-parameter", "targets=[(model.net[1] (a ReLU), 'weight')]", "Trainer.fit with Pruning", V, r"targets entry \(ReLU, 'weight'\): the module has no parameter 'weight'", pair_target(lambda m: m.net[1], "weight")),
+    Bad("callback-two-on-one-weight", "two Pruning callbacks pruning net.2.weight", "Trainer.fit with Pruning", V, r"\['net\.2\.weight'\] are targets of two Pruning callbacks .*each weight follows one schedule", two_on_one_weight),
     Bad("resume-other-targets", "a checkpoint whose masks are for other targets", "Trainer.fit(ckpt_path=...)", V, r"state_dict belongs to another model or target set: missing \['net\.4\.weight'\]", resume_other_targets, loads_checkpoint="ckpt/last.ckpt"),
     Bad("resume-truncated", "a truncated .ckpt file as ckpt_path", "experiments.training.fit", V, r"ckpt_path='.*last\.ckpt' is not a complete checkpoint \(truncated or corrupt", fit_helper_truncated),
     # ---- configs
