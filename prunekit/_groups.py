@@ -68,6 +68,7 @@ _POOL_FUNCTIONS: dict[Any, int] = {
 }  # fmt: skip
 _BINARY_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div,
 }  # fmt: skip
 _BINARY_METHODS = {"add", "sub", "mul", "div"}
@@ -825,7 +826,7 @@ class DependencyGraph:
         """
         if reduce not in ("normalized", "mean", "sum"):
             raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
-        params = {n: p.detach() for n, p in self._params.items()}
+        params = self._current_params()
         norms = [
             [(m[:3] + m[4:], float(t.double().pow(2).sum()), t.numel()) for m, (_, t) in
              zip(g.members, g.slices(params), strict=True)]
@@ -852,7 +853,7 @@ class DependencyGraph:
         """Which groups ``masks`` prunes: every producing (``"out"``) slice is masked, or
         zero where its weight has no mask, and at least one is masked."""
         self._check_masks(masks)
-        params = {n: p.detach() for n, p in self._params.items()}
+        params = self._current_params()
         out = []
         for g in self.groups:
             masked_any, dead = False, True
@@ -867,6 +868,24 @@ class DependencyGraph:
                     dead &= not bool(t.any())
             out.append(dead and masked_any)
         return out
+
+    def _current_params(self) -> dict[str, Tensor]:
+        """The parameters, detached; raises if the model changed since the trace."""
+        now = dict(self.model.named_parameters())
+        for name in [*self._params, *(n for n in now if n not in self._params)]:
+            if now.get(name) is not self._params.get(name):
+                what = (
+                    "added"
+                    if name not in self._params
+                    else "removed"
+                    if name not in now
+                    else "replaced"
+                )
+                raise ValueError(
+                    f"parameter {name!r} of {type(self.model).__name__} was {what} after this "
+                    "DependencyGraph was built: build a new one for the changed model"
+                )
+        return {n: p.detach() for n, p in now.items()}
 
     def _check_masks(self, masks: Mapping[str, Tensor]) -> None:
         if not isinstance(masks, Mapping):
@@ -890,6 +909,7 @@ class DependencyGraph:
     def masks_for(self, pruned: Sequence[bool]) -> dict[str, Tensor]:
         """Bool masks (True = kept) over every member parameter, False on the members
         of each pruned group."""
+        self._current_params()
         masks = {n: torch.ones_like(self._params[n], dtype=torch.bool) for n in self.param_names}
         for g, gone in zip(self.groups, pruned, strict=True):
             if not gone:

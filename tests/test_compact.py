@@ -522,3 +522,31 @@ def test_readme_compaction_example(capsys: pytest.CaptureFixture[str]) -> None:
     model, small, x = namespace["model"], namespace["small"], torch.randn(2, 1, 28, 28)
     _assert_same_outputs(model, small, x)
     assert "parameters" in capsys.readouterr().out
+
+
+def test_graph_refuses_a_model_changed_after_the_trace() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    graph = DependencyGraph(model, torch.zeros(1, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # values may change: they are read when asked
+    assert graph.scores().shape == (6,)
+    model[0] = nn.Linear(4, 6)  # same shapes, other parameters
+    with pytest.raises(ValueError, match=r"'0\.weight' of Sequential was replaced"):
+        graph.group_masks(0.5)
+    with pytest.raises(ValueError, match="was replaced"):
+        graph.masks_for([False] * 6)
+
+
+def test_in_place_residual_addition_couples_channels() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y += self.b(x)
+            return self.head(y)
+
+    graph = DependencyGraph(InPlace(), torch.zeros(1, 3))
+    assert len(graph.groups) == 4 and all(set(g.producers) == {"a", "b"} for g in graph.groups)
