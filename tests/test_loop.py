@@ -63,7 +63,7 @@ def _train(
 
 
 def _checkpoint(model: nn.Module, scheduler: SparsityScheduler) -> dict:
-    optimizer = scheduler.pruner._optimizers[0][0]
+    optimizer = scheduler.pruner.optimizers[0]
     buffer = io.BytesIO()
     torch.save(
         {

@@ -195,6 +195,27 @@ def test_trainer_prunes_at_optimizer_steps_and_logs(tmp_path: Path) -> None:
         assert bool((state[param]["exp_avg"][~mask] == 0).all())
 
 
+def test_report_to_loggers_get_the_sparsity_when_the_callback_runs_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    pruning = PruningCallback(hf_worker.SCHEDULE)
+    args = hf_worker.arguments(str(tmp_path), save_strategy="no", report_to=["tensorboard"])
+    trainer = transformers.Trainer(
+        model=hf_worker.model(), args=args, train_dataset=hf_worker.dataset()
+    )
+    trainer.callback_handler.callbacks.insert(0, pruning)  # before TensorBoardCallback
+    trainer.train()
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    target = {e.step: e.value for e in events.Scalars("train/sparsity/target")}
+    assert "train/sparsity/actual" in scalars
+    # every update, and the end-of-training summary (step 12)
+    assert target == {t: pytest.approx(hf_worker.SCHEDULE(t)) for t in (3, 5, 7, 9, 12)}
+
+
 def test_trainer_resume_from_checkpoint_reaches_the_same_masks(tmp_path: Path) -> None:
     full, pruning, _ = run_trainer(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-4"
