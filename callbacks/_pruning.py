@@ -75,7 +75,8 @@ class Pruning(Callback):
             ``use_lottery_ticket_hypothesis``).
         make_permanent: at fit end, detach all hooks and leave plain weights with zeros.
         log_per_layer: also log ``sparsity/<parameter name>``.
-        verbose: print the per-layer sparsity table at every update (rank zero).
+        verbose: print what is targeted (``Pruner.describe``) at fit start and the
+            per-layer sparsity table at every update (rank zero).
         name: tells two ``Pruning`` callbacks of one Trainer apart (their checkpoint
             entries are keyed by it); needed only when there are several.
 
@@ -282,6 +283,8 @@ class Pruning(Callback):
         # (a pruner of another module stays with it: its hooks keep that module's zeros)
         self.pruner = Pruner(pl_module, **self._pruner_kwargs(pl_module))
         self._check_overlap(trainer, pl_module)
+        if self.verbose:
+            rank_zero_info(f"prunekit: {self.pruner.describe()}")
         self._live, self._hold, self._seen_optimizers = True, False, []
         state = self._pending_state
         if state is not None:

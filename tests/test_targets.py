@@ -182,3 +182,27 @@ def test_conv1d_dim_out_of_range_is_refused() -> None:
     model, _ = _conv1d_model()
     with pytest.raises(ValueError, match="dim"):
         Pruner(model, method="ln_structured", scope="layer", dim=2)
+
+
+def test_lightning_callback_verbose_prints_the_target_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from prunekit.callbacks import Pruning
+    from prunekit.schedules import Constant
+
+    from tests.lit_helpers import TinyNet, loader, trainer
+
+    model = TinyNet()
+    expected = Pruner(TinyNet()).describe()  # same architecture, same line
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            trainer(max_steps=2, callbacks=[Pruning(Constant(0.5), verbose=True)]).fit(
+                model, loader()
+            )
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"prunekit: {expected}" in caplog.messages
