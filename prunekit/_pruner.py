@@ -868,6 +868,15 @@ class Pruner:
         if self._removed:
             raise RuntimeError("this Pruner was removed; create a new one to prune again")
 
+    def __getstate__(self) -> dict[str, Any]:
+        if self._optimizers:
+            raise TypeError(
+                "an attached Pruner cannot be pickled or shallow-copied (its hooks are bound "
+                "to this model's parameters and optimizers): save pruner.state_dict(), or "
+                "copy.deepcopy it"
+            )
+        return self.__dict__.copy()
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Pruner:
         """A copy with its own copy of the model and of the attached optimizers (the same
         copies when they are copied in the same ``deepcopy`` call), attached to those."""

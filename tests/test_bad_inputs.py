@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import pickle
 import re
 import sys
 import tempfile
@@ -630,6 +631,7 @@ CATALOGUE: list[Bad] = [
     Bad("state-shape-strings", "shape=['4', '6']", "Pruner.load_state_dict", Ty, r"state_dict mask '2\.weight' has shape=\['4', '6'\]; need a list of ints", on_pruner(corrupt_state("shape-strings"), setup=lambda p: p.prune_to(0.5))),
     Bad("state-entry", "a mask entry that is not a dict", "Pruner.load_state_dict", V, r"state_dict mask '2\.weight' must be a dict with 'shape' and 'packed'", on_pruner(corrupt_state("entry"), setup=lambda p: p.prune_to(0.5))),
     Bad("state-masks-list", "masks given as a list", "Pruner.load_state_dict", Ty, r"state_dict masks must be a mapping, got list", on_pruner(corrupt_state("masks-list"), setup=lambda p: p.prune_to(0.5))),
+    Bad("pickle-attached", "pickle.dumps of an attached Pruner", "Pruner (pickle, copy.copy)", Ty, r"an attached Pruner cannot be pickled or shallow-copied .* save pruner\.state_dict\(\), or copy\.deepcopy it", on_pruner(lambda p: pickle.dumps(p), setup=lambda p: p.attach(torch.optim.SGD(p.model.parameters(), lr=0.1)))),
     Bad("activation-amount", "amount=2.0", "ActivationPruning", V, r"amount=2\.0 must be in \[0, 1\]", on_mlp(lambda m: ActivationPruning(m[0], amount=2.0))),
     Bad("activation-method", "method='random'", "ActivationPruning", V, r"method='random' must be one of \('topk', 'channel'\)", on_mlp(lambda m: ActivationPruning(m[0], 0.5, method="random"))),
     # ---- engine: dependency groups, compaction, sparse checkpoints

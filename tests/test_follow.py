@@ -207,6 +207,20 @@ def test_deepcopy_of_pruner_alone_copies_what_it_manages() -> None:
     assert_pruned_zero(unattached)
 
 
+def test_attached_pruner_refuses_pickle_and_shallow_copy() -> None:
+    import pickle
+
+    model = mlp()
+    pruner = Pruner(model).attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="an attached Pruner cannot be pickled or shallow-copied"):
+        pickle.dumps(pruner)
+    with pytest.raises(TypeError, match="an attached Pruner cannot be pickled or shallow-copied"):
+        copy.copy(pruner)
+    unattached = Pruner(mlp())
+    unattached.prune_to(0.5)
+    assert pickle.loads(pickle.dumps(unattached)).sparsity() == unattached.sparsity()
+
+
 # ------------------------------------------------ 4, 7: the targets mapping
 @pytest.mark.parametrize(
     "targets",
