@@ -184,3 +184,52 @@ def test_sigkill_during_atomic_saves_never_leaves_a_partial_file(tmp_path: Path)
             proc.wait()
     assert proc.returncode == 0
     assert leftovers_seen > 0  # at least one kill interrupted a save in progress
+
+
+@pytest.mark.slow
+def test_sigkill_mid_pruning_then_prunekit_run_resumes_and_equals_an_uninterrupted_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prunekit run`` killed with SIGKILL while it prunes, then started again: it says
+    where it resumes, and its results equal an uninterrupted run's (step-pure data)."""
+    from prunekit.experiments import cli
+    from prunekit.experiments.paths import RunPaths
+
+    from tests.test_lottery import write_fake_fashion_mnist
+    from tests.test_runs import QUICK, assert_same, folder, results, tiny
+
+    data = write_fake_fashion_mnist(tmp_path / "data")
+    out, reference = tmp_path / "killed", tmp_path / "reference"
+    args = ["run", str(QUICK), *tiny(out, data, "steps=300")]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prunekit.experiments.cli", *args], stderr=stderr
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.is_dir() and list(out.glob("*/resume_pruning.ckpt"))):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never saved a pruning checkpoint"
+            time.sleep(0.01)
+        time.sleep(random.uniform(0.0, 0.2))  # anywhere in the next steps, saves included
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = folder(out)
+    assert not (run_dir / "summary.json").exists()  # killed mid-pruning
+    checkpoint = RunPaths(run_dir).resume_checkpoint("pruning")
+    step = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert 0 < step < 300 and step % 5 == 0  # saved after a validation
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0  # the dead process's lock is free
+        assert f"resuming from step {step} ({checkpoint})" in capsys.readouterr().err
+        assert cli.main(["run", str(QUICK), *tiny(reference, data, "steps=300")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(results(run_dir), results(folder(reference)))
