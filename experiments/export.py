@@ -25,6 +25,7 @@ from torch import nn
 
 from prunekit import (
     DependencyGraph,
+    UnsupportedModelError,
     compact,
     compress_state_dict,
     decompress_state_dict,
@@ -142,11 +143,20 @@ def export_run(
     x = batches[0][0][:batch_size]
     if mode == "compact":
         graph = DependencyGraph(net, example)
-        pruned = graph.pruned({n: m for n, m in masks.items() if n in graph.param_names})
-        small = compact(net, example, masks=masks, complete=True)
+        pruned = graph.pruned(masks)
+        note = f"{sum(pruned)} of {len(graph.groups)} channel groups removed"
+        try:
+            small = compact(net, example, masks=masks)
+        except UnsupportedModelError:
+            raise
+        except ValueError:  # the masks leave biases / BatchNorm entries of pruned channels
+            small = compact(net, example, masks=masks, complete=True)
+            note += (
+                " with the biases and BatchNorm entries the masks left live, so the outputs "
+                "differ from the masked model's"
+            )
         save_compact(run.compact_model, cfg.model, graph.masks_for(pruned), small)
         after_model, after_file = load_compact(run.compact_model, example), run.compact_model
-        note = f"{sum(pruned)} of {len(graph.groups)} channel groups removed"
     else:
         P.save_torch(run.sparse_weights, compress_state_dict(net.state_dict()))
         after_model = build_model(cfg.model).eval()

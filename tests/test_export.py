@@ -81,3 +81,18 @@ def test_export_refuses_a_folder_that_is_not_a_run(
     assert "repeats=0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["export", str(tmp_path), "--sparse", "--compact"])
+
+
+def test_export_compact_completes_row_masks_and_says_so(tmp_path: Path) -> None:
+    _run_folder(tmp_path)
+    torch.manual_seed(1)
+    net = build_model("lenet_300_100")
+    pruner = Pruner(net, method="ln_structured", scope="layer", dim=0, exclude="fc3.weight")
+    pruner.prune_to(0.5)  # rows of fc1 and fc2; their biases stay live
+    torch.save(net.state_dict(), tmp_path / "final.pt")
+    torch.save(pruner.masks, tmp_path / "masks.pt")
+    argv = ["export", str(tmp_path), "--compact", "--repeats", "1", "--test-limit", "100"]
+    assert cli.main(argv) == 0
+    record = json.loads((tmp_path / "export_compact.json").read_text())
+    assert record["note"].startswith("200 of 400 channel groups removed with the biases")
+    assert record["params"][1] == 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
