@@ -76,17 +76,20 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
     local = torch.cat([p.to_local().reshape(-1) for p in params])
     sizes = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor(local.numel()))
-    gathered = [torch.empty(int(n)) for n in sizes] if rank == 0 else None
-    dist.gather(local, gathered, dst=0)
+    longest = int(max(sizes))  # gloo gathers equal sizes: pad, then trim
+    padded = torch.cat([local, local.new_zeros(longest - local.numel())])
+    gathered = [torch.empty(longest) for _ in sizes] if rank == 0 else None
+    dist.gather(padded, gathered, dst=0)
     threshold = torch.zeros(())
     if rank == 0:
         assert gathered is not None
-        threshold = torch.cat(gathered).abs_().kthvalue(round(SPARSITY * total)).values
+        weights = torch.cat([g[: int(n)] for g, n in zip(gathered, sizes, strict=True)])
+        threshold = weights.abs_().kthvalue(round(SPARSITY * total)).values
     dist.broadcast(threshold, src=0)
     masks = [p.to_local().abs() > threshold for p in params]
     dist.barrier()
     t_gather = time.perf_counter() - start
-    del masks, gathered
+    del masks, gathered, padded
     if rank == 0:
         out.write_text(json.dumps({
             "world": world, "parameters": total, "prunekit_s": t_prunekit,
