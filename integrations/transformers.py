@@ -161,9 +161,12 @@ class PruningCallback(TrainerCallback):
             carried = previous.state_dict()  # a second train() with the same callback goes on
             previous.remove()
         self.pruner = Pruner(model, **self.pruner_args)
-        # accelerate's AcceleratedOptimizer subclasses Optimizer without its hooks: attach
-        # to the optimizer it wraps
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        # accelerate's AcceleratedOptimizer subclasses Optimizer but never sets up its
+        # step hooks: attach to the optimizer it wraps (only such hook-less wrappers are
+        # unwrapped: a real optimizer wrapping another, e.g. Lookahead, keeps its own step)
+        while not hasattr(optimizer, "_optimizer_step_post_hooks") and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+        ):
             optimizer = optimizer.optimizer
         self.pruner.attach(optimizer)
         if state.global_step > 0:
