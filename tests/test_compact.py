@@ -550,3 +550,32 @@ def test_in_place_residual_addition_couples_channels() -> None:
 
     graph = DependencyGraph(InPlace(), torch.zeros(1, 3))
     assert len(graph.groups) == 4 and all(set(g.producers) == {"a", "b"} for g in graph.groups)
+
+
+class ChannelsLast(nn.Module):
+    """permute/transpose move the channel dim; cat along the length keeps channels; a sum
+    over channels pins them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+        self.c1 = nn.Conv1d(4, 6, 1)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.fc(self.conv(x).permute(0, 2, 3, 1)))  # N H W 4
+        y = y.flatten(1, 2).transpose(1, 2)  # N 4 HW
+        z = F.relu(self.bn(self.c1(y)))
+        z = torch.cat([z, z * 2], dim=2)
+        return z.mean(dim=2).sum(dim=1, keepdim=True)
+
+
+def test_permute_transpose_conv1d_and_a_channel_sum() -> None:
+    torch.manual_seed(14)
+    model = _randomise_norms(ChannelsLast())
+    x = torch.randn(2, 3, 6, 6)
+    graph, _, small = _mask_and_compact(model, x)
+    assert {g.layer for g in graph.groups} == {"conv", "fc"}  # c1's channels are summed
+    _assert_same_outputs(model, small, x)
+    assert _params(small) == (3 * 9 * 4 + 4) + (4 * 2 + 2) + (2 * 6 + 6) + 2 * 6
