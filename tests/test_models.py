@@ -96,6 +96,33 @@ def test_output_shape(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 16, 20)])
+def test_models_follow_the_input_shape(name: str, shape: tuple[int, int, int]) -> None:
+    model = build_model(name, num_classes=5, input_shape=shape).eval()
+    assert model(torch.randn(2, *shape)).shape == (2, 5)
+
+
+def test_input_shape_sets_the_first_layers_by_hand() -> None:
+    c, h, w = 3, 32, 32
+    lenet = build_model("lenet_300_100", num_classes=5, input_shape=(c, h, w))
+    assert n_params(lenet) == (c * h * w * 300 + 300) + (300 * 100 + 100) + (100 * 5 + 5)
+    # LeNet-5: 32 -> conv 5x5 pad 2 (32) -> pool (16) -> conv 5x5 (12) -> pool (6)
+    assert build_model("lenet5", input_shape=(c, h, w)).fc1.in_features == 16 * 6 * 6
+    # Conv-4 on 16x20: two poolings -> 4x5 with 128 channels
+    assert build_model("conv4", input_shape=(1, 16, 20)).fc1.in_features == 128 * 4 * 5
+    assert build_model("resnet20", input_shape=(c, h, w)).conv1.in_channels == c
+    with pytest.raises(ValueError, match=r"height and width must be >= 8"):
+        build_model("conv6", input_shape=(1, 7, 28))
+
+
+def test_a_model_by_import_path() -> None:
+    model = build_model("torch.nn.Linear", in_features=3, out_features=2)
+    assert isinstance(model, nn.Linear) and model.out_features == 2
+    with pytest.raises(TypeError, match=r"made a OrderedDict, not an nn\.Module"):
+        build_model("collections.OrderedDict")
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_parameter_count(name: str) -> None:
     assert n_params(build_model(name)) == EXPECTED_PARAMS[name]
 
