@@ -94,6 +94,15 @@ def _where(param: Tensor) -> tuple[Any, ...]:
     return (data.data_ptr(), param.dtype, param.device)
 
 
+def _is_meta(t: Tensor) -> bool:
+    return local(t).device.type == "meta"
+
+
+def _whole(mask: Tensor) -> Tensor:
+    """The whole mask on the CPU (all True for a meta-device one: it was never pruned)."""
+    return torch.ones(mask.shape, dtype=torch.bool) if _is_meta(mask) else full_mask(mask)
+
+
 def _cacheable(param: Tensor) -> bool:
     return param.device.type == "cpu" and not hasattr(param, "device_mesh")
 
@@ -428,6 +437,7 @@ class Pruner:
         """
         self._check_live()
         self._follow()
+        self._check_values("prune_to")
         plan = self._plan(sparsity, dict(scores or {}))
         new = dict(plan.masks)
         for sel in plan.selections:
@@ -576,6 +586,7 @@ class Pruner:
         """
         self._check_live()
         self._follow()
+        self._check_values("set_masks")
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a mapping from target name to bool mask, got {type(masks).__name__}")
         for name, mask in masks.items():
@@ -619,7 +630,7 @@ class Pruner:
             cache = self._cache_masks
             if cache is None:
                 cache = _cacheable(param)
-            if bool(local(mask).all()):
+            if _is_meta(mask) or bool(local(mask).all()):
                 step_masks[name] = None  # nothing pruned: no work per step
             elif cache and param.element_size() in _INT_OF_SIZE:
                 step_masks[name] = mask.to(_INT_OF_SIZE[param.element_size()]).neg_()
@@ -631,7 +642,11 @@ class Pruner:
         """Pruned counts per target and overall (prints as a table)."""
         if not self._removed:
             self._follow()
-        kept = count_true(list(self.masks.values()))  # whole-tensor counts if sharded
+        # whole-tensor counts if sharded; a mask on the meta device is all True (no values
+        # yet, nothing can be pruned: see _check_values)
+        real = [m for m in self.masks.values() if not _is_meta(m)]
+        counts = iter(count_true(real))
+        kept = [m.numel() if _is_meta(m) else next(counts) for m in self.masks.values()]
         return SparsityReport(
             tuple(
                 TargetSparsity(name, mask.numel(), mask.numel() - n)
@@ -675,7 +690,9 @@ class Pruner:
             self._targets[name].param = param  # type: ignore[assignment]
         for name in moved:
             target, mask = self._targets[name], self.masks[name]
-            if isinstance(mask, DTensor) or isinstance(target.param, DTensor):
+            if _is_meta(mask):  # built on the meta device: nothing was pruned (refused)
+                mask = new_mask(target.param)
+            elif isinstance(mask, DTensor) or isinstance(target.param, DTensor):
                 mask = like(full_mask(mask), target.param)  # e.g. sharded after the Pruner
             self.masks[name] = mask.to(local(target.param).device)
             zero_pruned_(target.param, self.masks[name])
@@ -705,6 +722,15 @@ class Pruner:
             else:
                 self._pending.add(name)
         self._grad_hooks = keep
+
+    def _check_values(self, what: str) -> None:
+        for name, target in self._targets.items():
+            if _is_meta(target.param):
+                raise RuntimeError(
+                    f"{what}: target {name!r} is on the meta device (no values yet); "
+                    "materialise the model first (to_empty, then initialise or load weights): "
+                    "the Pruner follows the new parameters"
+                )
 
     def _hook_unfrozen(self) -> bool:
         """Hook the gradients of frozen targets that now require them; whether any did."""
@@ -919,7 +945,7 @@ class Pruner:
             "updates": self.updates,
             "masks": {
                 # the whole mask (gathered if sharded): loads on any world size
-                n: {"shape": list(m.shape), "packed": pack_mask(full_mask(m))}
+                n: {"shape": list(m.shape), "packed": pack_mask(_whole(m))}
                 for n, m in self.masks.items()
             },
         }
@@ -932,6 +958,7 @@ class Pruner:
         """
         self._check_live()
         self._follow()
+        self._check_values("load_state_dict")
         if not isinstance(state, Mapping) or "masks" not in state:
             raise ValueError("state is not a Pruner state_dict (no 'masks' entry)")
         fmt = state.get("format", _STATE_FORMAT)

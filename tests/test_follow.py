@@ -158,6 +158,23 @@ def test_to_empty_then_init_is_remasked() -> None:
     )
 
 
+def test_pruner_built_on_the_meta_device_follows_to_empty() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    pruner = Pruner(model)
+    with pytest.raises(RuntimeError, match=r"prune_to: target '0\.weight' is on the meta device"):
+        pruner.prune_to(0.5)
+    assert pruner.sparsity().pruned == 0
+    assert pruner.state_dict()["masks"]["0.weight"]["packed"].tolist() == [255] * 75
+    model.to_empty(device="cpu")  # new parameter objects
+    torch.manual_seed(0)
+    for layer in (model[0], model[2]):
+        layer.reset_parameters()
+    pruner.prune_to(0.5)
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in pruner.names)
+    assert zeros == pruner.sparsity().pruned == 450
+
+
 def test_replaced_parameter_of_another_shape_or_gone_raises_naming_it() -> None:
     model = mlp()
     pruner = Pruner(model)
