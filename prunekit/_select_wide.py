@@ -47,8 +47,14 @@ class WideKeys:
 
 
 def key_source(tensors: Sequence[Tensor], *, magnitude: bool) -> KeySource | WideKeys:
-    """The key source for ranking ``tensors``: 64-bit keys if any of them is float64."""
-    if any(t.dtype == torch.float64 for t in tensors):
+    """The key source for ranking ``tensors``: 64-bit keys if any of them is float64.
+
+    Sharded tensors (DTensor) always take ``_select``'s 32-bit route, which ranks across
+    ranks: float64 shards are ranked in float32 there (nearby values may tie).
+    """
+    if any(t.dtype == torch.float64 for t in tensors) and not any(
+        hasattr(t, "device_mesh") for t in tensors
+    ):
         return WideKeys(tensors, magnitude=magnitude)
     return MagnitudeKeys(tensors) if magnitude else ScoreKeys(tensors)
 
