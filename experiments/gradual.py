@@ -38,6 +38,9 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
     so). A finished run (its ``summary.json`` exists) is reported, not redone.
     """
     paths = P.RunPaths.for_config(cfg)
+    if paths.summary.is_file():  # finished: nothing else is needed (data, dense.checkpoint)
+        with P.locked(paths.root):
+            return _finished(paths)
     datamodule(cfg, cfg.seed)  # a missing data folder fails here, before anything is written
     schedule = from_dict(OmegaConf.to_container(cfg.pruning.schedule))
     started = time.perf_counter()
@@ -46,12 +49,16 @@ def run_gradual(cfg: DictConfig) -> dict[str, Any]:
     given = _load_dense_checkpoint(cfg.dense.checkpoint, net)  # also before anything is written
     P.check_writable(paths.root)
     with P.locked(paths.root):
-        if paths.summary.is_file():
-            summary = P.read_json(paths.summary)
-            progress(f"run {paths.root}: already finished, reporting it (not run again)")
-            return summary
+        if paths.summary.is_file():  # another process finished it meanwhile
+            return _finished(paths)
         P.write_config(paths.config, cfg)
         return _run(cfg, schedule, net, given, paths, started)
+
+
+def _finished(paths: P.RunPaths) -> dict[str, Any]:
+    summary = P.read_json(paths.summary)
+    progress(f"run {paths.root}: already finished, reporting it (not run again)")
+    return summary
 
 
 def _run(
