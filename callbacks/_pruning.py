@@ -16,8 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from prunekit import Pruner, get_method, pack_mask
-from prunekit._pruner import SCOPES, Targets
+from prunekit import SCOPES, Pruner, Targets, get_method, pack_mask
 
 UNITS = ("step", "epoch")
 #: What a checkpoint entry of this callback holds: 2 adds the arguments it was written with.
@@ -120,9 +119,8 @@ class Pruning(Callback):
                     f"schedule={schedule!r} must be a Schedule or a callable t -> sparsity"
                 )
             schedule = FromCallable(schedule)
-        for flag, value in (("after_validation", after_validation),):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag}={value!r} must be True or False")
+        if not isinstance(after_validation, bool):
+            raise TypeError(f"after_validation={after_validation!r} must be True or False")
         if on_update is not None and not callable(on_update):
             raise TypeError(f"on_update={on_update!r} must be a callable (pruner, t) or None")
         if unit not in UNITS:
@@ -392,13 +390,13 @@ class Pruning(Callback):
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.pruner is not None
+        self._pending_state = None  # (a refused state is not retried by a later fit)
         self._check_arguments(state)
         self.pruner.load_state_dict(state["pruner"])
         self._last_t = state.get("last_t")
         self._target = float(state.get("target", 0.0))
         if state.get("initial") is not None:
             self._initial = state["initial"]
-        self._pending_state = None
 
     def _maybe_update(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int, catch_up: bool = False

@@ -29,7 +29,7 @@ from prunekit._masks import (
     random_structured_mask,
     register_method,
 )
-from prunekit._pruner import DEFAULT_MODULE_TYPES, Pruner
+from prunekit._pruner import DEFAULT_MODULE_TYPES, SCOPES, Pruner, Targets
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._sparse import (
     compress_state_dict,
@@ -42,6 +42,7 @@ from prunekit._state import pack_mask, unpack_mask
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "SCOPES",
     "ActivationPruning",
     "CompactionReport",
     "DependencyGraph",
@@ -52,6 +53,7 @@ __all__ = [
     "SparsityReport",
     "SparsityScheduler",
     "TargetSparsity",
+    "Targets",
     "UnsupportedModelError",
     "compact",
     "compaction_report",

@@ -262,8 +262,13 @@ class Backbone(pl.LightningModule):
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
 
-def test_backbone_finetuning_unfreezes_pruned_frozen_targets_and_masks_hold() -> None:
-    pruning = Pruning(Constant(0.5), scope="layer")
+@pytest.mark.parametrize("targets", [None, "backbone.*.weight"])
+def test_backbone_finetuning_unfreezes_pruned_frozen_targets_and_masks_hold(
+    targets: str | None,
+) -> None:
+    # targets=backbone only: the optimizer holds no target until the backbone's group is
+    # added, so the callback must attach it then
+    pruning = Pruning(Constant(0.5), scope="layer", targets=targets)
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.5)
     model = Backbone()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -271,7 +276,7 @@ def test_backbone_finetuning_unfreezes_pruned_frozen_targets_and_masks_hold() ->
     fit = trainer(max_epochs=3, callbacks=[finetuning, pruning, watch])
     fit.fit(model, loader(length=4))
     assert len(fit.optimizers[0].param_groups) == 2  # the backbone's group was added
-    names = ("backbone.0.weight", "backbone.2.weight", "head.weight")
+    names = ("backbone.0.weight", "backbone.2.weight") + (() if targets else ("head.weight",))
     assert pruning.pruner.names == list(names)
     for name in names:
         mask, weight = pruning.pruner.masks[name], model.get_parameter(name).detach()
