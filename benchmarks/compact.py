@@ -82,15 +82,21 @@ def _saved(obj: object) -> int:
     return buf.getbuffer().nbytes
 
 
+def _csr(t: torch.Tensor) -> torch.Tensor:
+    """torch's CSR form of ``t`` (as 2-d), its parts copied out: ``to_sparse_csr`` leaves
+    the column indices in a storage twice their size, which ``torch.save`` writes whole."""
+    c = t.reshape(t.shape[0], -1).to_sparse_csr()
+    parts = (c.crow_indices().clone(), c.col_indices().clone(), c.values().clone())
+    return torch.sparse_csr_tensor(*parts, c.shape)
+
+
 def checkpoint_size(name: str) -> dict[str, float]:
     torch.manual_seed(0)
     model = build_model(name)
     Pruner(model).prune_to(0.9)
     state = model.state_dict()
     dense = _saved(state)
-    csr = {
-        k: v.reshape(v.shape[0], -1).to_sparse_csr() if v.dim() > 1 else v for k, v in state.items()
-    }
+    csr = {k: _csr(v) if v.dim() > 1 else v for k, v in state.items()}
     return {
         "dense_bytes": dense,
         "bitmask_ratio": _saved(compress_state_dict(state)) / dense,
