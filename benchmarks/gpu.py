@@ -65,7 +65,9 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
     return statistics.median(times), result
 
 
-def global_prune(device: torch.device, size: int, tensors: int, sparsity: float, repeats: int) -> dict:
+def global_prune(
+    device: torch.device, size: int, tensors: int, sparsity: float, repeats: int
+) -> dict:
     """Part 1: exact counts and times of global pruning, kthvalue, topk and one read."""
     g = torch.Generator(device=device).manual_seed(0)
     each = size // tensors
@@ -75,8 +77,12 @@ def global_prune(device: torch.device, size: int, tensors: int, sparsity: float,
 
     t_prune, masks = timed(lambda: global_magnitude_masks(weights, sparsity), device, repeats)
     pruned = sum(int((~m).sum()) for m in masks.values())
-    kept_min = min(float(w.abs()[m].min()) for w, m in zip(weights.values(), masks.values(), strict=True))
-    pruned_max = max(float(w.abs()[~m].max()) for w, m in zip(weights.values(), masks.values(), strict=True))
+    kept_min = min(
+        float(w.abs()[m].min()) for w, m in zip(weights.values(), masks.values(), strict=True)
+    )
+    pruned_max = max(
+        float(w.abs()[~m].max()) for w, m in zip(weights.values(), masks.values(), strict=True)
+    )
 
     def kth() -> torch.Tensor:
         return torch.cat([w.abs() for w in weights.values()]).kthvalue(k).values
@@ -146,7 +152,9 @@ def step_overhead(device: torch.device, width: int, layers: int, steps: int, rou
     model, _, pruner = runs["pruned"]
     assert pruner is not None
     still_zero = all(
-        bool((p[~pruner.masks[n]] == 0).all()) for n, p in model.named_parameters() if n in pruner.masks
+        bool((p[~pruner.masks[n]] == 0).all())
+        for n, p in model.named_parameters()
+        if n in pruner.masks
     )
     dense, pruned = statistics.median(pooled["dense"]), statistics.median(pooled["pruned"])
     return {

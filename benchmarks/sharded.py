@@ -91,12 +91,20 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
     t_gather = time.perf_counter() - start
     del masks, gathered, padded
     if rank == 0:
-        out.write_text(json.dumps({
-            "world": world, "parameters": total, "prunekit_s": t_prunekit,
-            "prunekit_bytes_per_rank": sent, "pruned": pruned,
-            "exact": pruned == round(SPARSITY * total),
-            "gather_s": t_gather, "gather_bytes_per_sending_rank": local.numel() * 4,
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "world": world,
+                    "parameters": total,
+                    "prunekit_s": t_prunekit,
+                    "prunekit_bytes_per_rank": sent,
+                    "pruned": pruned,
+                    "exact": pruned == round(SPARSITY * total),
+                    "gather_s": t_gather,
+                    "gather_bytes_per_sending_rank": local.numel() * 4,
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -67,7 +67,9 @@ class Layout:
         strides = _strides(self.shape)
         dims = len(self.shape)
         partial = [d for d in range(dims) if self.local[d] != self.shape[d]]
-        if len(partial) <= 1 and all(self.local[d] == 1 for d in range(partial[0] if partial else 0)):
+        if len(partial) <= 1 and all(
+            self.local[d] == 1 for d in range(partial[0] if partial else 0)
+        ):
             # one run of consecutive global entries (e.g. rows of a row-sharded matrix)
             base = sum(o * st for o, st in zip(self.offset, strides, strict=True))
             return flat.add_(base)
@@ -119,7 +121,11 @@ class Sharding:
                     )
             coordinate = mesh.get_coordinate() or [0] * mesh.ndim
             owns.append(
-                all(c == 0 for c, p in zip(coordinate, t.placements, strict=True) if type(p) is Replicate)
+                all(
+                    c == 0
+                    for c, p in zip(coordinate, t.placements, strict=True)
+                    if type(p) is Replicate
+                )
             )
             layouts.append(Layout.of(t))
             device = device or t.to_local().device
@@ -164,7 +170,9 @@ def new_mask(param: Tensor) -> Tensor:
     )
 
 
-def structured_mask(method: str, param: DTensor, amount: float | int, mask: Tensor, options: dict) -> Tensor:
+def structured_mask(
+    method: str, param: DTensor, amount: float | int, mask: Tensor, options: dict
+) -> Tensor:
     """A structured method's new mask for a sharded parameter, equal to one process's.
 
     Slices along ``dim`` are scored from each rank's block: when a rank holds whole
@@ -202,7 +210,9 @@ def structured_mask(method: str, param: DTensor, amount: float | int, mask: Tens
     alive = sharding.reduce(alive) > 0
     slices = torch.empty((size, 1))
     if method == "random_structured":
-        new_alive = _masks.random_structured_mask(slices, amount, dim=0, mask=alive.view(-1, 1).cpu(), **options)
+        new_alive = _masks.random_structured_mask(
+            slices, amount, dim=0, mask=alive.view(-1, 1).cpu(), **options
+        )
     else:
         n = options.pop("n", 2)
         scores = options.pop("scores", None)
@@ -221,8 +231,16 @@ def structured_mask(method: str, param: DTensor, amount: float | int, mask: Tens
 
 
 def _slice_scores(
-    weights: Tensor, n: float, dim: int, others: list[int], whole: bool,
-    size: int, off: int, here: int, own: float, sharding: Sharding,
+    weights: Tensor,
+    n: float,
+    dim: int,
+    others: list[int],
+    whole: bool,
+    size: int,
+    off: int,
+    here: int,
+    own: float,
+    sharding: Sharding,
 ) -> Tensor:
     from prunekit import _masks
 
@@ -245,5 +263,9 @@ def _slice_scores(
 
 def _as_like(local_mask: Tensor, ref: DTensor) -> DTensor:
     return DTensor.from_local(
-        local_mask.contiguous(), ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride()
+        local_mask.contiguous(),
+        ref.device_mesh,
+        ref.placements,
+        shape=ref.shape,
+        stride=ref.stride(),
     )

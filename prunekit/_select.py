@@ -107,12 +107,17 @@ class RandomKeys(KeySource):
         key = buf.narrow(0, 0, n).view(torch.int32)
         if layout is None and stop <= 2**31:
             torch.arange(start, stop, dtype=torch.int32, device=device, out=key)
-            return _hash_(key.bitwise_xor_(_signed(salt)), tmp.narrow(0, 0, n)).bitwise_and_(0x3FFFFFFF)
+            return _hash_(key.bitwise_xor_(_signed(salt)), tmp.narrow(0, 0, n)).bitwise_and_(
+                0x3FFFFFFF
+            )
         index = (layout or Layout.whole((stop,))).index(start, stop, device)
         torch.bitwise_and(index, 0x7FFFFFFF, out=key).bitwise_xor_(_signed(salt))
         _hash_(key, tmp.narrow(0, 0, n))
         if (layout.numel if layout else stop) > 2**31:
-            _hash_(key.bitwise_xor_(index.bitwise_right_shift_(31).to(torch.int32)), tmp.narrow(0, 0, n))
+            _hash_(
+                key.bitwise_xor_(index.bitwise_right_shift_(31).to(torch.int32)),
+                tmp.narrow(0, 0, n),
+            )
         return key.bitwise_and_(0x3FFFFFFF)  # 30 bits: never read as a non-finite key
 
 
@@ -272,7 +277,9 @@ def prune_lowest(
             key = source.keys(i, start, stop, scratch.buf, scratch.tmp)
             part, n = flat_masks[i].narrow(0, start, stop - start), stop - start
             part.logical_and_(torch.ge(key, low_key, out=scratch.flags.narrow(0, 0, n)))
-            inside = torch.lt(key, low_key + _HI_BINS, out=scratch.flags2.narrow(0, 0, n)).logical_and_(part)
+            inside = torch.lt(
+                key, low_key + _HI_BINS, out=scratch.flags2.narrow(0, 0, n)
+            ).logical_and_(part)
             if not _any(inside):
                 continue
             where = inside.nonzero().view(-1)
@@ -304,7 +311,10 @@ def prune_lowest(
     scratch = _Scratch(size)
     for i, start, stop in chunks:
         key = source.keys(i, start, stop, scratch.buf, scratch.tmp)
-        part, flags = flat_masks[i].narrow(0, start, stop - start), scratch.flags.narrow(0, 0, stop - start)
+        part, flags = (
+            flat_masks[i].narrow(0, start, stop - start),
+            scratch.flags.narrow(0, 0, stop - start),
+        )
         part.logical_and_(torch.ge(key, threshold, out=flags))
         if ties:
             tied = torch.eq(key, threshold, out=flags).logical_and_(part)
@@ -387,7 +397,9 @@ def _prune_lowest_hist(
         scratch = scratches.get(mask.device)
         if scratch is None:
             on_device = [m.numel() for m in flat_masks if m.device == mask.device]
-            scratch = scratches[mask.device] = _Scratch(min(step(mask), max(on_device)), mask.device)
+            scratch = scratches[mask.device] = _Scratch(
+                min(step(mask), max(on_device)), mask.device
+            )
         key = source.keys(i, start, stop, scratch.buf, scratch.tmp)
         return key, mask.narrow(0, start, stop - start), scratch
 
@@ -400,7 +412,9 @@ def _prune_lowest_hist(
         key, part, scratch = read(i, start, stop)
         hist.add(_high_bins(key, part, scratch.tmp.narrow(0, 0, stop - start)))
     counts = hist.total(sharded)
-    if sum(counts[: _HI_BINS // 2 - _NONFINITE_HI]) + sum(counts[_HI_BINS // 2 + _NONFINITE_HI : _HI_BINS]):
+    if sum(counts[: _HI_BINS // 2 - _NONFINITE_HI]) + sum(
+        counts[_HI_BINS // 2 + _NONFINITE_HI : _HI_BINS]
+    ):
         bad = torch.zeros(len(flat_masks), dtype=torch.int64)
         for i, start, stop in chunks():
             key, part, scratch = read(i, start, stop)

@@ -31,7 +31,9 @@ from prunekit import Pruner
 def make_model(ties: bool) -> nn.Module:
     """Shapes that split unevenly over 2 and 4 ranks (7, 13 and 5 rows)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))
+    model = nn.Sequential(
+        nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5)
+    )
     if ties:  # few distinct values: long runs of equal magnitudes
         with torch.no_grad():
             for p in model.parameters():
@@ -106,7 +108,10 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
         if sharding == "tp" and case in ("ln_rows", "nm"):
             continue
         base = make_model(ties=case == "ties")
-        single_model, sharded_model = copy.deepcopy(base), shard(copy.deepcopy(base), sharding, world)
+        single_model, sharded_model = (
+            copy.deepcopy(base),
+            shard(copy.deepcopy(base), sharding, world),
+        )
         single, sharded = Pruner(single_model, **kwargs), Pruner(sharded_model, **kwargs)
         for amount in steps:
             if amount == "scores":
@@ -117,7 +122,11 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
                 single.prune_to(amount)
                 sharded.prune_to(amount)
         report = sharded.sparsity()
-        results[case] = (full(sharded.masks), full(single.masks), [t.pruned for t in report.targets])
+        results[case] = (
+            full(sharded.masks),
+            full(single.masks),
+            [t.pruned for t in report.targets],
+        )
         if case == "global":
             state = sharded.state_dict()
             if rank == 0:

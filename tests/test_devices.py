@@ -57,7 +57,10 @@ def test_histogram_route_equals_cpu_route_and_reference(case: str, with_mask: bo
         ws = [torch.full(s, 0.25) for s in shapes]
     else:
         ws = [torch.randn(s, generator=g) * 3 - 1 for s in shapes]
-    masks = [torch.rand(s, generator=g) > 0.3 if with_mask else torch.ones(s, dtype=torch.bool) for s in shapes]
+    masks = [
+        torch.rand(s, generator=g) > 0.3 if with_mask else torch.ones(s, dtype=torch.bool)
+        for s in shapes
+    ]
     kept = sum(int(m.sum()) for m in masks)
     for k in (1, kept // 3, kept // 2 + 1, kept):
         if case == "negative_scores":
@@ -121,8 +124,14 @@ def test_hash_matches_hand_written_integer_hash() -> None:
 
 @pytest.mark.parametrize(
     ("shape", "offset", "local"),
-    [((7, 13), (4, 0), (2, 13)), ((7, 13), (0, 8), (7, 4)), ((3, 4, 5), (1, 2, 0), (2, 1, 5)),
-     ((6,), (3,), (3,)), ((2, 3, 4), (0, 0, 0), (2, 3, 4)), ((7, 13), (6, 0), (0, 13))],
+    [
+        ((7, 13), (4, 0), (2, 13)),
+        ((7, 13), (0, 8), (7, 4)),
+        ((3, 4, 5), (1, 2, 0), (2, 1, 5)),
+        ((6,), (3,), (3,)),
+        ((2, 3, 4), (0, 0, 0), (2, 3, 4)),
+        ((7, 13), (6, 0), (0, 13)),
+    ],
 )
 def test_layout_index_is_the_global_flat_index(shape, offset, local) -> None:
     layout = Layout(shape, offset, local)
@@ -186,8 +195,24 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(capsys) -> None:
     """benchmarks/gpu.py (meant for a GPU) checks exactness the same way on the CPU."""
     from benchmarks import gpu
 
-    args = ["--device", "cpu", "--size", "30k", "--tensors", "3", "--repeats", "1",
-            "--width", "32", "--layers", "1", "--steps", "2", "--rounds", "1"]
+    args = [
+        "--device",
+        "cpu",
+        "--size",
+        "30k",
+        "--tensors",
+        "3",
+        "--repeats",
+        "1",
+        "--width",
+        "32",
+        "--layers",
+        "1",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+    ]
     results = gpu.main(args)
     g, s = results["global_prune"], results["step"]
     assert g["parameters"] == 30_000 and g["expected"] == 27_000

@@ -22,8 +22,9 @@ WORKER = Path(__file__).with_name("sharded_worker.py")
 FAST_CASES = "global,ties,random,ln_cols"
 
 
-def run_worker(out: Path, world: int, sharding: str, load: Path | None = None,
-               cases: str | None = None) -> dict[str, Any]:
+def run_worker(
+    out: Path, world: int, sharding: str, load: Path | None = None, cases: str | None = None
+) -> dict[str, Any]:
     env = dict(os.environ)
     if cases:
         env["SHARDED_CASES"] = cases
@@ -63,8 +64,18 @@ def test_fsdp_two_ranks(tmp_path: Path) -> None:
     check_trained(results)
 
 
-ALL = {"global", "layer", "random", "scores", "ties", "ln_rows", "ln_cols", "ln_inf",
-       "random_rows", "nm"}
+ALL = {
+    "global",
+    "layer",
+    "random",
+    "scores",
+    "ties",
+    "ln_rows",
+    "ln_cols",
+    "ln_inf",
+    "random_rows",
+    "nm",
+}
 
 
 @pytest.mark.slow
@@ -101,8 +112,9 @@ LIGHTNING = Path(__file__).with_name("sharded_lightning_worker.py")
 
 def run_lightning(out: Path, devices: int, ckpt: Path | None = None) -> dict[str, Any]:
     args = [sys.executable, str(LIGHTNING), str(out), str(devices)]
-    done = subprocess.run(args + ([str(ckpt)] if ckpt else []), capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        args + ([str(ckpt)] if ckpt else []), capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=False)
 
