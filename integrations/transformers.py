@@ -11,11 +11,10 @@ from prunekit.schedules import FromCallable, Schedule
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from prunekit import Pruner, get_method, unpack_mask
+from prunekit import SCOPES, Pruner, Targets, get_method, unpack_mask
 
 #: The file the callback writes into each ``checkpoint-N`` folder.
 STATE_FILE = "prunekit_pruning.pt"
-_SCOPES = ("global", "layer")
 _FORMAT = 1
 
 
@@ -56,7 +55,7 @@ class PruningCallback(TrainerCallback):
         self,
         schedule: Schedule | Callable[[int], float],
         *,
-        targets: Any = None,
+        targets: Targets = None,
         method: str = "magnitude",
         scope: str = "global",
         exclude: str | Iterable[str] = (),
@@ -70,8 +69,8 @@ class PruningCallback(TrainerCallback):
                     f"schedule={schedule!r} must be a Schedule or a callable t -> sparsity"
                 )
             schedule = FromCallable(schedule)
-        if scope not in _SCOPES:
-            raise ValueError(f"scope={scope!r} must be one of {_SCOPES}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         get_method(method)
         self.schedule = schedule
         self.pruner_args: dict[str, Any] = {
