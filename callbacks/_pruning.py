@@ -10,7 +10,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from prunekit.schedules import FromCallable, Schedule
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -189,6 +190,14 @@ class Pruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.after_validation and (
+            not trainer.limit_val_batches or not is_overridden("validation_step", pl_module)
+        ):
+            raise ValueError(
+                "after_validation=True prunes when a validation run ends, but this fit "
+                f"validates nothing (limit_val_batches={trainer.limit_val_batches}, "
+                f"validation_step defined: {is_overridden('validation_step', pl_module)})"
+            )
         self._build(trainer, pl_module)
 
     @override
@@ -233,6 +242,14 @@ class Pruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.after_validation and self.schedule is not None and self.pruner is not None:
+            t = trainer.global_step if self.unit == "step" else trainer.current_epoch
+            if self.schedule(t) > self._target:
+                rank_zero_warn(
+                    f"after_validation=True: the schedule asks for {self.schedule(t):.4f} by "
+                    f"{self.unit} {t}, but no validation ran after it; the masks stay at "
+                    f"{self._target:.4f}"
+                )
         if self.make_permanent and self.pruner is not None:
             self.pruner.remove()
 
@@ -474,7 +491,11 @@ class Pruning(Callback):
         """Under DDP, compare a checksum of the masks across ranks; divergence is an error."""
         # Sharded (DTensor) masks differ between ranks by design: each holds its shard,
         # cut by decisions all ranks took from the same all-reduced histograms.
-        replicated = [m for m in self.pruner.masks.values() if not isinstance(m, DTensor)] if self.pruner else []
+        replicated = (
+            [m for m in self.pruner.masks.values() if not isinstance(m, DTensor)]
+            if self.pruner
+            else []
+        )
         if trainer.world_size <= 1 or not replicated:
             return
         checksum = torch.stack([_mask_checksum(m) for m in replicated]).to(

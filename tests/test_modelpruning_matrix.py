@@ -411,3 +411,21 @@ def test_relative_amount_callable_is_checked_when_called() -> None:
     with pytest.raises(ValueError, match=r"amount\(t=2\)=1\.5 must be a fraction of what remains"):
         fit_.fit(TinyNet(), loader())
     assert pruning.pruner.sparsity().pruned == round(0.5 * (12 * 32 + 32 * 16 + 16 * 3))
+
+
+def test_after_validation_needs_a_validation_and_says_what_it_left_undone() -> None:
+    pruning = Pruning(Constant(0.5), after_validation=True)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"after_validation=True .* validates nothing"):
+        trainer(max_steps=2, limit_val_batches=0, callbacks=[pruning]).fit(
+            model, loader(), loader(length=2)
+        )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    late = Pruning(Steps([(1, 0.5), (5, 0.7)]), after_validation=True)
+    with pytest.warns(UserWarning, match=r"asks for 0\.7000 by step 5, but no validation ran"):
+        trainer(max_steps=5, val_check_interval=2, callbacks=[late]).fit(
+            TinyNet(), loader(), loader(length=2)
+        )
+    n = 12 * 32 + 32 * 16 + 16 * 3
+    assert late.pruner.sparsity().pruned == round(0.5 * n)  # what the validations allowed
