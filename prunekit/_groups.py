@@ -167,6 +167,9 @@ class DependencyGraph:
         self.tracks: dict[str, _Track | None] = {}
         #: per module: the tracks it reads and writes, for compaction
         self.module_io: dict[str, dict[str, Any]] = {}
+        #: attention nodes (they return a tuple): the track of their output, element 0
+        self._attention_outputs: dict[str, _Track] = {}
+        self._called: set[str] = set()
         self._modules = dict(model.named_modules())
         self._params = dict(model.named_parameters())
         self.gm: fx.GraphModule | None = None
@@ -280,6 +283,11 @@ class DependencyGraph:
         x = node.args[0] if node.args else None
         tx = self._track(x)
         shape = _shape(x)
+        if name in self.module_io and self.module_io[name]["kind"] != "attention":
+            return self._again(node, self.module_io[name], tx)
+        if name in self._called and any(True for _ in mod.parameters()):
+            raise self._refuse(node, f"{type(mod).__name__} {name!r} is called more than once")
+        self._called.add(name)
         if isinstance(mod, nn.Linear):
             if tx is not None and tx.dim != len(shape) - 1:
                 raise self._refuse(node, "a Linear reads the last dim but channels are on another")
@@ -345,6 +353,19 @@ class DependencyGraph:
             return None
         raise self._refuse(node, f"module type {type(mod).__name__} is not supported on channels")
 
+    def _again(self, node: fx.Node, io: dict[str, Any], tx: _Track | None) -> _Track | None:
+        """A layer called again: the same weights, so the same output elements, and its
+        inputs in both calls go (or stay) together."""
+        before = io["in"] if io["kind"] == "layer" else io["ids"]
+        if before is not None and tx is not None:
+            for a, b in zip(before, tx.ids, strict=True):
+                self._union(a, b)
+        elif before is not None or tx is not None:  # one call reads untracked channels
+            self._pin(before if before is not None else tx.ids)
+        if io["kind"] == "layer":
+            return _Track(len(_shape(node)) - io["out_from_end"], io["out"])
+        return None if tx is None else _Track(tx.dim, io["ids"])
+
     def _producer(
         self, node: fx.Node, name: str, mod: nn.Module, tx: _Track | None, in_dim: int, out_dim: int
     ) -> _Track:
@@ -361,6 +382,7 @@ class DependencyGraph:
             "kind": "layer",
             "in": None if tx is None else list(tx.ids),
             "out": list(ids),
+            "out_from_end": len(_shape(node)) - out_dim,  # the same for every call
         }
         return _Track(out_dim, ids)
 
@@ -389,7 +411,6 @@ class DependencyGraph:
                 self._member(e, f"{name}.out_proj.bias", "aux", 0, c)
         io["out"] = out
         self.module_io[name] = io
-        self._attention_outputs = getattr(self, "_attention_outputs", {})
         self._attention_outputs[node.name] = _Track(len(_shape(qkv[0]) or (0, 0, 0)) - 1, out)
         return None  # the tuple; getitem 0 picks the track
 
@@ -492,7 +513,7 @@ class DependencyGraph:
 
     def _visit_getitem(self, node: fx.Node) -> _Track | None:
         src, index = node.args
-        outs = getattr(self, "_attention_outputs", {})
+        outs = self._attention_outputs
         if isinstance(src, fx.Node) and src.name in outs:
             return outs[src.name] if index == 0 else None
         t = self._track(src)

@@ -46,11 +46,14 @@ def _mask_and_compact(model: nn.Module, x: torch.Tensor, amount: float = 0.5, sc
     return graph, masks, small
 
 
-def _assert_same_outputs(model: nn.Module, small: nn.Module, x: torch.Tensor) -> None:
+def _assert_same_outputs(
+    model: nn.Module, small: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]
+) -> None:
     model.eval()
     small.eval()
     with torch.no_grad():
-        expected, got = model(x), small(x)
+        args = x if isinstance(x, tuple) else (x,)
+        expected, got = model(*args), small(*args)
     if isinstance(expected, tuple):
         expected, got = expected[0], got[0]
     assert got.shape == expected.shape
@@ -579,3 +582,33 @@ def test_permute_transpose_conv1d_and_a_channel_sum() -> None:
     assert {g.layer for g in graph.groups} == {"conv", "fc"}  # c1's channels are summed
     _assert_same_outputs(model, small, x)
     assert _params(small) == (3 * 9 * 4 + 4) + (4 * 2 + 2) + (2 * 6 + 6) + 2 * 6
+
+
+class Shared(nn.Module):
+    """One Linear applied to two branches, and one BatchNorm to both: the calls share
+    weights, so their channels go together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(5, 6)
+        self.shared = nn.Linear(6, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        u = self.bn(self.shared(F.relu(self.a(x))))
+        v = self.bn(self.shared(torch.tanh(self.b(y))))
+        return self.head(torch.cat([u, v], dim=1))
+
+
+def test_a_layer_called_twice_couples_its_inputs_and_outputs() -> None:
+    torch.manual_seed(15)
+    model = _randomise_norms(Shared())
+    x, y = torch.randn(4, 3), torch.randn(4, 5)
+    graph, _, small = _mask_and_compact(model, (x, y))
+    # a's and b's outputs meet in shared's input columns: one group each, 6 in all
+    assert sum(1 for g in graph.groups if set(g.producers) == {"a", "b"}) == 6
+    _assert_same_outputs(model, small, (x, y))
+    k, s = 3, 2  # half of the 6 coupled features, half of shared's 4 outputs
+    by_hand = (3 * k + k) + (5 * k + k) + (k * s + s) + 2 * s + (2 * s * 2 + 2)
+    assert _params(small) == by_hand
