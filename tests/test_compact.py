@@ -612,3 +612,27 @@ def test_a_layer_called_twice_couples_its_inputs_and_outputs() -> None:
     k, s = 3, 2  # half of the 6 coupled features, half of shared's 4 outputs
     by_hand = (3 * k + k) + (5 * k + k) + (k * s + s) + 2 * s + (2 * s * 2 + 2)
     assert _params(small) == by_hand
+
+
+def test_gradual_group_pruning_through_a_pruner() -> None:
+    torch.manual_seed(16)
+    model = _randomise_norms(ConvBNStack())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    pruner = Pruner(model, targets=graph.param_names)
+    first = None
+    for amount in (0.25, 0.5):  # e.g. the updates of a schedule
+        pruner.set_masks(graph.group_masks(amount, masks=pruner.masks))
+        pruned = graph.pruned(pruner.masks)
+        first = first or pruned
+        with torch.no_grad():  # a little training between updates changes the ranking
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            pruner.apply_masks()
+    assert all(b for a, b in zip(first, pruned, strict=True) if a)  # masks only shrink
+    layers = [g.layer for g in graph.groups]
+    assert [
+        sum(p for p, lay in zip(pruned, layers, strict=True) if lay == name)
+        for name in ("conv1", "conv2")
+    ] == [4, 6]
+    _assert_same_outputs(model, compact(model, x, pruner=pruner), x)
