@@ -872,7 +872,13 @@ class DependencyGraph:
 
     def pruned(self, masks: Mapping[str, Tensor]) -> list[bool]:
         """Which groups ``masks`` prunes: every producing (``"out"``) slice is masked, or
-        zero where its weight has no mask, and at least one is masked."""
+        zero where its weight has no mask, and at least one is masked.
+
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> graph = DependencyGraph(model, torch.zeros(1, 2))
+        >>> graph.pruned({"0.weight": torch.tensor([[True, True], [False, False], [True, False]])})
+        [False, True, False]
+        """
         self._check_masks(masks)
         params = self._current_params()
         out = []
@@ -929,7 +935,13 @@ class DependencyGraph:
 
     def masks_for(self, pruned: Sequence[bool]) -> dict[str, Tensor]:
         """Bool masks (True = kept) over every member parameter, False on the members
-        of each pruned group."""
+        of each pruned group.
+
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> masks = DependencyGraph(model, torch.zeros(1, 2)).masks_for([False, True, False])
+        >>> masks["0.weight"][1].tolist(), masks["0.bias"].tolist(), masks["2.weight"].tolist()
+        ([False, False], [True, False, True], [[True, False, True]])
+        """
         self._current_params()
         masks = {n: torch.ones_like(self._params[n], dtype=torch.bool) for n in self.param_names}
         for g, gone in zip(self.groups, pruned, strict=True):
@@ -1013,6 +1025,6 @@ class DependencyGraph:
             pruned[i] = True
 
     def kept(self, pruned: Sequence[bool]) -> list[bool]:
-        """Per element: kept (True) unless its group is pruned."""
+        """Per traced element (channel): kept unless its group is pruned (for compaction)."""
         gone = {r for r, gi in self.group_of_root.items() if pruned[gi]}
         return [self.find(e) not in gone for e in range(len(self._parent))]

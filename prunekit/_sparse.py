@@ -158,8 +158,8 @@ def _entry(packed: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> Te
 def save_sparse(state: Mapping[str, Tensor] | nn.Module, path: str | os.PathLike[str]) -> int:
     """Save a model's (or a state_dict's) weights compressed; returns the file size in bytes.
 
-    Load with :func:`load_sparse`. A plain ``torch.load(path, weights_only=True)`` reads it
-    too (dicts of tensors, lists and strings).
+    Load with :func:`load_sparse` (example there). A plain
+    ``torch.load(path, weights_only=True)`` reads it too (dicts of tensors and numbers).
     """
     if isinstance(state, nn.Module):
         state = state.state_dict()
@@ -192,6 +192,13 @@ def to_semi_structured(model: nn.Module, targets: Iterable[str] | None = None) -
     """Swap the weights of ``model``'s Linear layers that follow 2:4 sparsity (at most
     2 non-zeros in every 4 consecutive inputs) for ``torch.sparse`` semi-structured
     tensors, in place, so the GPU's sparse kernels run them; returns the layers swapped.
+
+    >>> model = nn.Sequential(nn.Linear(8, 4))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.masked_fill_(torch.arange(8) % 2 == 1, 0.0)  # 2:4 (and 1:2)
+    >>> to_semi_structured(model)  # on the CPU: refused (model.half().cuda() first)
+    Traceback (most recent call last):
+    RuntimeError: 0.weight is on cpu: semi-structured (2:4) sparse tensors need a CUDA GPU (compute capability >= 8.0); move the model there first
 
     ``targets`` (Linear module names) defaults to every Linear whose weight is 2:4.
     Needs a CUDA GPU with sparse tensor cores (compute capability 8.0 or newer) and
