@@ -210,6 +210,8 @@ class Pruner:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed={seed!r} must be an int")
+        if not -(2**40) <= seed < 2**40:  # seeds generators as seed * 1_000_003 + updates
+            raise ValueError(f"seed={seed} must be in [-2**40, 2**40)")
         self.model = model
         self.method = method
         self.scope = scope
@@ -270,6 +272,8 @@ class Pruner:
         def match(pattern: str) -> list[str]:
             return list(dict.fromkeys(canonical[n] for n in aliases(pattern)))
 
+        if not isinstance(exclude, str | Iterable):
+            raise TypeError(f"exclude={exclude!r} must be a name, a glob or a list of them")
         excluded = [exclude] if isinstance(exclude, str) else list(exclude)
         weight_norms: dict[str, tuple[str, int | None]] = {}  # direction v -> (weight, dim)
 
@@ -335,6 +339,11 @@ class Pruner:
                 resolved[name] = target
                 first.setdefault(name, alias)
         else:
+            if not isinstance(targets, str | type | Iterable):
+                raise TypeError(
+                    f"targets={targets!r} must be None, a name or glob, a module type, a list "
+                    "of those or a mapping"
+                )
             entries = [targets] if isinstance(targets, str | type) else list(targets)
             for entry in entries:
                 if isinstance(entry, type):
@@ -438,6 +447,8 @@ class Pruner:
         self._check_live()
         self._follow()
         self._check_values("prune_to")
+        if scores is not None and not isinstance(scores, Mapping):
+            raise TypeError(f"scores must be a mapping from target name to tensor, got {type(scores).__name__}")
         plan = self._plan(sparsity, dict(scores or {}))
         new = dict(plan.masks)
         for sel in plan.selections:
@@ -456,7 +467,7 @@ class Pruner:
         for name, score in scores.items():
             if name not in self._targets:
                 raise ValueError(
-                    f"scores names {name!r}, not a target{suggest(name, self._targets)}"
+                    f"scores names {name!r}, not a target{suggest(str(name), self._targets)}"
                 )
             if not isinstance(score, Tensor) or not score.is_floating_point():
                 raise TypeError(f"scores[{name!r}] must be a floating-point tensor")
@@ -467,7 +478,7 @@ class Pruner:
                     raise ValueError(
                         f"sparsity names {name!r}, not a target{suggest(str(name), self._targets)}"
                     )
-            amounts = dict(sparsity)
+            amounts = {n: as_amount(v, f"sparsity[{n!r}]") for n, v in sparsity.items()}
             group: list[str] = []
         else:
             sparsity = as_amount(sparsity, "sparsity")
