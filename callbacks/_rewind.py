@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
 from prunekit import Pruner
@@ -18,7 +20,8 @@ class RewindPoint(Callback):
     ``step`` optimizer steps (``step=0``: at initialisation, before any step).
 
     The capture is saved with Lightning checkpoints. A lottery-ticket runner rewinds the
-    surviving weights with :meth:`rewind`.
+    surviving weights with :meth:`rewind`. Reused for another module, the point captures
+    that module afresh (a capture belongs to the module it was taken from).
 
     >>> point = RewindPoint(step=0)
     >>> point.captured
@@ -32,6 +35,7 @@ class RewindPoint(Callback):
         self.weights: dict[str, torch.Tensor] | None = None
         self.optimizer_states: list[dict[str, Any]] = []
         self.scheduler_states: list[dict[str, Any]] = []
+        self._module: weakref.ref[nn.Module] | None = None  # whose weights were captured
 
     @property
     def captured(self) -> bool:
@@ -41,6 +45,13 @@ class RewindPoint(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(step=self.step)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        owner = None if self._module is None else self._module()
+        if stage == "fit" and self.captured and owner is not None and owner is not pl_module:
+            self.weights, self.optimizer_states, self.scheduler_states = None, [], []
+            self._module = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -68,12 +79,24 @@ class RewindPoint(Callback):
         self.scheduler_states = [
             copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
         ]
+        self._module = weakref.ref(pl_module)
 
     def rewind(self, model: torch.nn.Module, pruner: Pruner | None = None) -> None:
         """Load the captured weights into ``model``; with a ``pruner``, its masks are
         applied again, so only the surviving weights take their step-k values."""
         if self.weights is None:
             raise RuntimeError(f"no weights were captured at step {self.step} yet")
+        state = model.state_dict()
+        missing, unexpected = set(state) - set(self.weights), set(self.weights) - set(state)
+        reshaped = [
+            k for k in set(state) & set(self.weights) if state[k].shape != self.weights[k].shape
+        ]
+        if missing or unexpected or reshaped:
+            raise ValueError(
+                f"the weights captured at step {self.step} belong to another model than "
+                f"{type(model).__name__}: missing {sorted(missing)}, unexpected "
+                f"{sorted(unexpected)}, other shapes {sorted(reshaped)}"
+            )
         model.load_state_dict(self.weights, strict=True)
         if pruner is not None:
             pruner.apply_masks()
@@ -92,6 +115,10 @@ class RewindPoint(Callback):
         self.weights = state_dict.get("weights")
         self.optimizer_states = state_dict.get("optimizer_states", [])
         self.scheduler_states = state_dict.get("scheduler_states", [])
+        self._module = None  # taken in another process: the module fitting now adopts it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_module": None}  # a weak reference does not pickle
 
     def __repr__(self) -> str:
         return f"RewindPoint(step={self.step}, captured={self.captured})"

@@ -327,3 +327,33 @@ def test_second_fit_of_a_changed_module_is_refused_naming_it() -> None:
     fresh = Pruning(Constant(0.5))  # what the message advises
     trainer(max_steps=2, callbacks=[fresh]).fit(model, loader())
     assert fresh.pruner.sparsity().pruned == round(0.5 * (12 * 32 + 32 * 16 + 16 * 5))
+
+
+# ---------------------------------------------------------------- RewindPoint
+def test_a_rewind_point_reused_for_a_second_model_captures_that_model() -> None:
+    from prunekit.callbacks import RewindPoint
+
+    point = RewindPoint(step=0)
+    trainer(max_steps=2, callbacks=[point]).fit(TinyNet(), loader())
+    second = TinyNet(lr=5e-2)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)  # other initial weights than the first model's
+    initial = {k: v.clone() for k, v in second.state_dict().items()}
+    trainer(max_steps=2, callbacks=[point]).fit(second, loader())
+    for key, value in initial.items():
+        assert torch.equal(point.weights[key], value), key
+    point.rewind(second)
+    assert all(torch.equal(v, initial[k]) for k, v in second.state_dict().items())
+
+
+def test_rewinding_another_model_is_refused_naming_it() -> None:
+    from prunekit.callbacks import RewindPoint
+
+    point = RewindPoint(step=0)
+    trainer(max_steps=1, callbacks=[point]).fit(TinyNet(), loader())
+    other = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"step 0 belong to another model than Sequential"):
+        point.rewind(other)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
