@@ -703,7 +703,12 @@ class Pruner:
             target, mask = self._targets[name], self.masks[name]
             if _is_meta(mask):  # built on the meta device: nothing was pruned (refused)
                 mask = new_mask(target.param)
-            elif isinstance(mask, DTensor) or isinstance(target.param, DTensor):
+            elif (isinstance(mask, DTensor) or isinstance(target.param, DTensor)) and not (
+                isinstance(mask, DTensor)
+                and isinstance(target.param, DTensor)
+                and mask.device_mesh == target.param.device_mesh
+                and mask.placements == target.param.placements
+            ):
                 mask = like(full_mask(mask), target.param)  # e.g. sharded after the Pruner
             self.masks[name] = mask.to(local(target.param).device)
             zero_pruned_(target.param, self.masks[name])
@@ -813,7 +818,7 @@ class Pruner:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if cache_masks not in (None, True, False):
+        if cache_masks is not None and not isinstance(cache_masks, bool):
             raise TypeError(f"cache_masks={cache_masks!r} must be None, True or False")
         self._follow()
         if any(a.optimizer is optimizer for a in self._optimizers):
