@@ -632,6 +632,7 @@ CATALOGUE: list[Bad] = [
     Bad("state-entry", "a mask entry that is not a dict", "Pruner.load_state_dict", V, r"state_dict mask '2\.weight' must be a dict with 'shape' and 'packed'", on_pruner(corrupt_state("entry"), setup=lambda p: p.prune_to(0.5))),
     Bad("state-masks-list", "masks given as a list", "Pruner.load_state_dict", Ty, r"state_dict masks must be a mapping, got list", on_pruner(corrupt_state("masks-list"), setup=lambda p: p.prune_to(0.5))),
     Bad("pickle-attached", "pickle.dumps of an attached Pruner", "Pruner (pickle, copy.copy)", Ty, r"an attached Pruner cannot be pickled or shallow-copied .* save pruner\.state_dict\(\), or copy\.deepcopy it", on_pruner(lambda p: pickle.dumps(p), setup=lambda p: p.attach(torch.optim.SGD(p.model.parameters(), lr=0.1)))),
+    Bad("attach-cache-masks-int", "attach(optimizer, cache_masks=1)", "Pruner.attach", Ty, r"cache_masks=1 must be None, True or False", on_pruner(lambda p: p.attach(torch.optim.SGD(p.model.parameters(), lr=0.1), cache_masks=1))),
     Bad("pruner-exclude-type", "exclude=5", "Pruner", Ty, r"exclude=5 must be a name, a glob or a list of them", on_mlp(lambda m: Pruner(m, exclude=5))),
     Bad("pruner-targets-type", "targets=5", "Pruner", Ty, r"targets=5 must be None, a name or glob, a module type, a list of those or a mapping", on_mlp(lambda m: Pruner(m, targets=5))),
     Bad("pruner-seed-range", "seed=2**80", "Pruner", V, r"seed=1208925819614629174706176 must be in \[-2\*\*40, 2\*\*40\)", on_mlp(lambda m: Pruner(m, seed=2**80))),
