@@ -321,6 +321,18 @@ def two_on_one_weight(ctx: Ctx) -> Callable[[], object]:
     return lambda: fit.fit(ctx.model, loader())
 
 
+def rewind_other(ctx: Ctx) -> Callable[[], object]:
+    point = RewindPoint(step=0)
+    trainer(max_steps=1, callbacks=[point], default_root_dir=ctx.root).fit(TinyNet(), loader())
+    return lambda: point.rewind(ctx.model)  # ctx.model: a plain MLP, not TinyNet
+
+
+def no_validation(ctx: Ctx) -> Callable[[], object]:
+    ctx.model = TinyNet()
+    fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[Pruning(Constant(0.5), after_validation=True)], default_root_dir=ctx.out)
+    return lambda: fit.fit(ctx.model, loader(), loader(length=2))
+
+
 def two_unnamed(ctx: Ctx) -> Callable[[], object]:
     ctx.model = TinyNet()
     fit = trainer(max_steps=2, callbacks=[Pruning(Constant(0.5), targets="net.0.weight")], default_root_dir=ctx.out)
@@ -697,6 +709,8 @@ CATALOGUE: list[Bad] = [
     Bad("callback-pair-foreign-module", "targets=[(a Linear of another model, 'weight')]", "Trainer.fit with Pruning", V, r"targets entry \(Linear, 'weight'\): the module is not part of TinyNet", pair_target(lambda m: nn.Linear(2, 2), "weight")),
     Bad("callback-pair-no-parameter", "targets=[(model.net[1] (a ReLU), 'weight')]", "Trainer.fit with Pruning", V, r"targets entry \(ReLU, 'weight'\): the module has no parameter 'weight'", pair_target(lambda m: m.net[1], "weight")),
     Bad("callback-two-on-one-weight", "two Pruning callbacks pruning net.2.weight", "Trainer.fit with Pruning", V, r"\['net\.2\.weight'\] are targets of two Pruning callbacks .*each weight follows one schedule", two_on_one_weight),
+    Bad("callback-after-validation-no-val", "after_validation=True in a fit that validates nothing", "Trainer.fit with Pruning", V, r"after_validation=True prunes when a validation run ends, but this fit validates nothing \(limit_val_batches=0", no_validation),
+    Bad("callback-rewind-other-model", "RewindPoint.rewind into a model of another architecture", "RewindPoint.rewind", V, r"the weights captured at step 0 belong to another model than Sequential: missing \['0\.bias', '0\.weight'", rewind_other),
     Bad("resume-other-targets", "a checkpoint whose masks are for other targets", "Trainer.fit(ckpt_path=...)", V, r"state_dict belongs to another model or target set: missing \['net\.4\.weight'\]", resume_other_targets, loads_checkpoint="ckpt/last.ckpt"),
     Bad("resume-truncated", "a truncated .ckpt file as ckpt_path", "experiments.training.fit", V, r"ckpt_path='.*last\.ckpt' is not a complete checkpoint \(truncated or corrupt", fit_helper_truncated),
     # ---- configs
