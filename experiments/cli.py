@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(LotteryConfig, args.config, args.overrides)
             summary = run_lottery(cfg)
             run = RunPaths.for_config(cfg).root
-            report.plot_lottery([summary], RunPaths(run).accuracy_plot)
+            plot, written = RunPaths(run).accuracy_plot, RunPaths(run).summary.stat().st_mtime_ns
+            if not plot.is_file() or plot.stat().st_mtime_ns < written:  # else: reported
+                report.plot_lottery([summary], plot)
             print(lottery_table(summary))
         print(f"\nrun folder: {run}")
         return 0

@@ -144,6 +144,13 @@ def _run_rounds(cfg: DictConfig, run: _Run, started: float) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "files": sorted({*run.files, "summary.json"}),
     }
+    if run.paths.summary.is_file():  # every round reused: report it, keep its wall_s
+        before = read_json(run.paths.summary)
+        if {k: v for k, v in before.items() if k != "wall_s"} == {
+            k: v for k, v in summary.items() if k != "wall_s"
+        }:
+            training.progress(f"lottery run {run.paths.root}: already finished, reporting it")
+            return before
     write_json(run.paths.summary, summary)
     return summary
 

@@ -218,8 +218,12 @@ def save_torch(path: Path, data: Any) -> None:
 
 
 def write_config(path: Path, cfg: DictConfig) -> None:
-    """Write the resolved config as YAML, atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+    """Write the resolved config as YAML, atomically (a file already holding it is left
+    untouched)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if path.is_file() and path.read_text() == text:
+        return
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 _DAMAGED = "is truncated or corrupt"

@@ -189,6 +189,31 @@ def test_finished_run_is_reported_not_redone(
     assert files(out) == before  # nothing rewritten: not the summary, not its wall times
 
 
+def test_finished_lottery_run_is_reported_not_rewritten(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "lottery",
+        str(QUICK_LOTTERY),
+        f"out_dir={tmp_path}",
+        f"data.root={data}",
+        "data.val_size=100",
+        "data.subset=60",
+        "rounds=1",
+        "steps_per_round=4",
+        "train.val_every=2",
+    ]
+    assert cli.main(args) == 0
+    before = files(tmp_path)
+    summary = json.loads((folder(tmp_path) / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "already finished" in captured.err
+    assert f"{summary['rounds'][1]['test_acc_final']:.4f}" in captured.out
+    assert files(tmp_path) == before  # summary (and its wall_s), plot, config untouched
+
+
 def test_dense_weights_of_an_interrupted_run_are_reused_with_their_wall_time(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
