@@ -50,7 +50,10 @@ from prunekit.experiments.config import ConfigError, GradualConfig, load_config 
 from prunekit.experiments.data import (  # noqa: E402
     DEFAULT_DATA_DIR,
     FashionMNISTDataModule,
+    build_datamodule,
+    data_shape,
     load_fashion_mnist,
+    register_dataset,
 )
 from prunekit.experiments.paths import check_writable  # noqa: E402
 from prunekit.experiments.training import fit as run_fit  # noqa: E402
@@ -739,6 +742,16 @@ CATALOGUE: list[Bad] = [
     Bad("data-missing-dir", "a data folder that does not exist", "load_fashion_mnist", FileNotFoundError, r"Fashion-MNIST folder not found: .*no-data\. Install the data with", lambda ctx: lambda: load_fashion_mnist(ctx.root / "no-data")),
     Bad("data-truncated-file", "a truncated gzip IDX file", "load_fashion_mnist", V, r"corrupt or truncated gzip file .*t10k-labels-idx1-ubyte\.gz", corrupt_data),
     Bad("data-batch-size", "batch_size=0", "FashionMNISTDataModule", V, r"batch_size=0 must be >= 1", lambda ctx: lambda: FashionMNISTDataModule(batch_size=0)),
+    Bad("data-eval-batch-size", "eval_batch_size=0", "FashionMNISTDataModule", V, r"eval_batch_size=0 must be >= 1", lambda ctx: lambda: FashionMNISTDataModule(eval_batch_size=0)),
+    Bad("data-name", "data.name=fashion", "load_config", ConfigError, r"data\.name='fashion' is not one of \['fashion_mnist'\]", config("data.name=fashion")),
+    Bad("data-target-import", "data._target_=no_such_package.Data", "load_config", ConfigError, r"data\._target_='no_such_package\.Data': cannot import 'no_such_package'", config("data._target_=no_such_package.Data")),
+    Bad("data-target-not-datamodule", "data._target_=collections.OrderedDict", "load_config", ConfigError, r"data\._target_='collections\.OrderedDict' made a OrderedDict, not a LightningDataModule", config("data._target_=collections.OrderedDict")),
+    Bad("data-unknown-dataset", "build_datamodule('fashion')", "build_datamodule", V, r"unknown dataset name='fashion'; did you mean 'fashion_mnist'\?", lambda ctx: lambda: build_datamodule("fashion")),
+    Bad("data-duplicate-dataset", "register_dataset('fashion_mnist') a second time", "register_dataset", V, r"dataset name='fashion_mnist' is already registered", lambda ctx: lambda: register_dataset("fashion_mnist")(FashionMNISTDataModule)),
+    Bad("data-no-input-shape", "a data module without input_shape", "data_shape", Ty, r"object\.input_shape=None must be a tuple of positive ints", lambda ctx: lambda: data_shape(object())),
+    Bad("model-import-path", "model=no_such_package.Net", "load_config", ConfigError, r"model='no_such_package\.Net': cannot import 'no_such_package'", config("model=no_such_package.Net")),
+    Bad("model-input-too-small", "conv6 on 1x4x4 inputs", "build_model", V, r"input_shape=\(1, 4, 4\): height and width must be >= 8", lambda ctx: lambda: build_model("conv6", num_classes=10, input_shape=(1, 4, 4))),
+    Bad("model-input-shape-form", "input_shape=(28, 28)", "build_model", V, r"input_shape=\(28, 28\) must be \(channels, height, width\)", lambda ctx: lambda: build_model("conv6", num_classes=10, input_shape=(28, 28))),
     Bad("paths-unwritable", "an output folder below a regular file", "check_writable", PermissionError, r"cannot write the run folder .*a-file/run", unwritable),
     Bad("paths-run-folder-symlink", "a run folder that is a symbolic link out of out_dir", "RunPaths.for_config", ConfigError, r"the run folder .*quick-gradual-\w+ resolves to .*elsewhere, outside out_dir=.*a run writes only inside out_dir", symlinked_run_folder),
     Bad("paths-disk-full", "OSError ENOSPC while writing", "atomic_write", RunFolderError, r"cannot write .*summary\.json: No space left on device \(is the disk full", disk_full),
