@@ -627,6 +627,10 @@ class Pruner:
 
     def _masks_changed(self) -> None:
         self.apply_masks()
+        with torch.no_grad():  # gradients already accumulated (e.g. pruning before a step)
+            for name, target in self._targets.items():
+                if target.param.grad is not None:
+                    zero_pruned_(target.param.grad, self.masks[name])
         self._clear_optimizer_state()
         if self._optimizers:
             self._step_masks = self._make_step_masks()

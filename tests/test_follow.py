@@ -284,6 +284,16 @@ def test_tied_weight_with_two_specs_raises_naming_both() -> None:
     assert same.names == ["0.weight"]
 
 
+def test_gradients_already_accumulated_are_masked_when_masks_change() -> None:
+    model = mlp()
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pruner = Pruner(model)
+    pruner.prune_to(0.6)  # e.g. a callback pruning between backward and the step
+    for name, mask in pruner.masks.items():
+        assert bool((model.get_parameter(name).grad[~mask] == 0).all()), name
+
+
 # ------------------------------------------------------ 9: NaN-safe masking
 @pytest.mark.parametrize("public_call", [False, True])
 def test_unfrozen_target_keeps_optimizer_state_zero(public_call: bool) -> None:

@@ -133,7 +133,7 @@ class PrunerMachine(RuleBasedStateMachine):
         optimizer.zero_grad()
         loss = torch.zeros(())
         for name, param in self.model.named_parameters():
-            scale = torch.randn(param.shape, generator=g)
+            scale = torch.randn(param.shape, generator=g, dtype=param.dtype)
             if inf and name in SHAPES:
                 scale.view(-1)[int(torch.randint(param.numel(), (1,), generator=g))] = math.inf
             loss = loss + (param * scale).sum()
@@ -163,9 +163,22 @@ class PrunerMachine(RuleBasedStateMachine):
         assert all(any(o is c for c in optimizers) for o in pruner.optimizers)
         self.model, self.optimizers, self.pruner = model, optimizers, pruner
 
+    @precondition(lambda self: bool(self.optimizers))
+    @rule(data=st.data())
+    def optimizer_state_round_trip(self, data: st.DataObject) -> None:
+        optimizer = data.draw(st.sampled_from(self.optimizers))
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+    # (before any optimizer: torch's optimizers keep their state in the old dtype)
+    @precondition(lambda self: not self.optimizers)
+    @rule(dtype=st.sampled_from([torch.float32, torch.float64]))
+    def change_dtype(self, dtype: torch.dtype) -> None:
+        self.model.to(dtype)  # same parameter objects, new values: followed by the hooks
+
     @rule(seed=st.integers(0, 3))
     def replace_parameters(self, seed: int) -> None:
-        dense = {k: v + 0.5 for k, v in make_model(seed).state_dict().items()}
+        dtype = self.model[0].weight.dtype
+        dense = {k: v.to(dtype) + 0.5 for k, v in make_model(seed).state_dict().items()}
         self.model.load_state_dict(dense, assign=True)
 
     # ------------------------------------------------------------- bad inputs
