@@ -172,7 +172,12 @@ def lottery_figure(
         )
     dense, _, n = mean_std(r[metric] for s in summaries for r in s["rounds"] if r["round"] == 0)
     ax.axhline(dense, linestyle=":", color="0.4", label=f"dense, round 0 (mean of {n})")
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 80, not 8 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.invert_xaxis()
     ax.legend(fontsize="small")
     return fig
