@@ -398,7 +398,7 @@ def lenet_300_100(num_classes: int = 10, input_shape: Shape = _FASHION) -> LeNet
 
 @register_model("lenet5")
 def lenet5(num_classes: int = 10, input_shape: Shape = _FASHION) -> LeNet5:
-    """LeNet-5 adapted to 28x28 (61,706 parameters at 10 classes).
+    """LeNet-5 with ReLU and max-pooling (61,706 parameters on 1x28x28, 10 classes).
 
     >>> lenet5().conv1.out_channels
     6
