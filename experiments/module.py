@@ -40,6 +40,8 @@ class Classifier(L.LightningModule):
       ``max_steps`` optimizer steps, or the Trainer's ``estimated_stepping_batches`` when
       ``max_steps`` is None) or ``"step"`` (multiply by ``gamma`` at each of
       ``milestones``, counted in optimizer steps). The scheduler steps every optimizer step.
+    - ``num_classes``: when given, the width of the model's logits, checked at every
+      batch (a model built for other data raises instead of training); None: not checked.
     - ``log_every_step``: ``False`` logs the training metrics only at the steps the
       Trainer writes to its loggers (every ``log_every_n_steps``, at the last step, and
       every step while a progress bar shows them), so the logged rows are the same but
@@ -64,7 +66,7 @@ class Classifier(L.LightningModule):
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
         max_steps: int | None = None,
-        num_classes: int = 10,
+        num_classes: int | None = None,
         log_every_step: bool = True,
     ) -> None:
         super().__init__()
@@ -85,8 +87,10 @@ class Classifier(L.LightningModule):
         ):
             raise ValueError(f"{max_steps=} must be None or an int >= 1")
         _check_milestones(milestones, lr_schedule)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"{num_classes=} must be an int >= 2")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"{num_classes=} must be None or an int >= 2")
         if not isinstance(log_every_step, bool):
             raise TypeError(f"{log_every_step=} must be a bool")
         # plain builtins only (not omegaconf containers), so checkpoints load with
@@ -114,6 +118,12 @@ class Classifier(L.LightningModule):
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
+        expected = self.hparams.num_classes
+        if expected is not None and logits.shape[-1] != expected:
+            raise ValueError(
+                f"the model gives {logits.shape[-1]} logits per sample, but "
+                f"num_classes={expected}: build the model for the data's classes"
+            )
         loss = F.cross_entropy(logits, y)
         on_step = stage == "train"
         if on_step and not self._log_train_now():

@@ -282,6 +282,14 @@ def test_classifier_hparams_load_with_weights_only() -> None:
     assert loaded["milestones"] == [3, 7] and loaded["optimizer"] == "sgd"
 
 
+def test_classifier_checks_the_logits_against_num_classes() -> None:
+    batch = (torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"gives 3 logits per sample, but num_classes=5"):
+        Classifier(nn.Linear(4, 3), num_classes=5).training_step(batch, 0)
+    assert Classifier(nn.Linear(4, 3), num_classes=3).training_step(batch, 0).ndim == 0
+    assert Classifier(nn.Linear(4, 3)).training_step(batch, 0).ndim == 0  # None: unchecked
+
+
 def test_classifier_rejects_non_module() -> None:
     with pytest.raises(TypeError, match="model="):
         Classifier("lenet5")  # type: ignore[arg-type]
