@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from prunekit._distributed import full_mask, like, local, new_mask
+from prunekit._distributed import full_mask, like, local, new_mask, structured_mask
 from prunekit._masks import UNSTRUCTURED, get_method, zero_pruned_
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._select import KeySource, RandomKeys, count_true
@@ -582,6 +582,8 @@ class Pruner:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
         param, mask = target.param.detach(), self.masks[target.name]
         check_finite(param, target.name)
+        if isinstance(param, DTensor):  # ranks exchange slice scores, never weights
+            return structured_mask(target.method, param, amount, mask, kwargs)
         if target.method == "nm":  # the pattern fixes the sparsity; any amount > 0 applies it
             return fn(param, **kwargs) & mask if amount else mask
         return fn(param, amount, mask=mask, **kwargs)
