@@ -160,14 +160,7 @@ class PruningCallback(TrainerCallback):
             carried = previous.state_dict()  # a second train() with the same callback goes on
             previous.remove()
         self.pruner = Pruner(model, **self.pruner_args)
-        # accelerate's AcceleratedOptimizer subclasses Optimizer but never sets up its
-        # step hooks: attach to the optimizer it wraps (only such hook-less wrappers are
-        # unwrapped: a real optimizer wrapping another, e.g. Lookahead, keeps its own step)
-        while not hasattr(optimizer, "_optimizer_step_post_hooks") and isinstance(
-            getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-        ):
-            optimizer = optimizer.optimizer
-        self.pruner.attach(optimizer)
+        self.pruner.attach(optimizer)  # unwraps accelerate's AcceleratedOptimizer
         if state.global_step > 0:
             self._restore(args, state)
         elif carried is not None:

@@ -816,7 +816,10 @@ class Pruner:
         4
         """
         self._check_live()
-        while not isinstance(optimizer, torch.optim.Optimizer) and isinstance(
+        # A wrapper is unwrapped when it is no optimizer, or an Optimizer subclass that never
+        # set up step hooks (accelerate's AcceleratedOptimizer); a real optimizer wrapping
+        # another (e.g. Lookahead) keeps its own step and is attached as it is.
+        while not hasattr(optimizer, "_optimizer_step_post_hooks") and isinstance(
             getattr(optimizer, "optimizer", None), torch.optim.Optimizer
         ):
             optimizer = optimizer.optimizer

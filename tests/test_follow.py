@@ -562,6 +562,36 @@ def test_attach_unwraps_an_optimizer_wrapper() -> None:
     assert_pruned_zero(pruner)
 
 
+
+class HooklessOptimizerWrapper(torch.optim.Optimizer):
+    """Like accelerate's AcceleratedOptimizer: an Optimizer subclass that never calls
+    Optimizer.__init__, so it has no step hooks of its own."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        self.optimizer.step()
+
+
+def test_attach_unwraps_an_optimizer_subclass_without_step_hooks() -> None:
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    wrapper = HooklessOptimizerWrapper(optimizer)
+    pruner = Pruner(model).attach(wrapper)
+    assert pruner.optimizers == [optimizer]
+    pruner.prune_to(0.7)
+    x, y = batch()
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        wrapper.step()
+    assert_pruned_zero(pruner)
+
 # ------------------------------- issue 11 item 4: built before fully_shard
 FSDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
