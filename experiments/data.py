@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 import lightning as L
 import numpy as np
 import torch
-from prunekit.experiments.imports import import_object
+from prunekit.experiments.imports import import_object, registering
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 __all__ = [
@@ -491,21 +491,7 @@ def register_dataset(name: str) -> Callable[[_D], _D]:
     '/data/digits'
     >>> _ = _REGISTRY.pop("doctest_digits")  # keep the registry clean
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name={name!r} must be a non-empty string")
-
-    def decorator(factory: _D) -> _D:
-        if name in _REGISTRY:
-            raise ValueError(
-                f"dataset name={name!r} is already registered (by {_REGISTRY[name]!r}); "
-                "pick another name"
-            )
-        if not callable(factory):
-            raise TypeError(f"register_dataset({name!r}) needs a callable, got {factory!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return registering(_REGISTRY, "dataset", name)
 
 
 def list_datasets() -> list[str]:

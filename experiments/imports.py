@@ -3,9 +3,38 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["import_object"]
+__all__ = ["import_object", "registering"]
+
+_T = TypeVar("_T")
+
+
+def registering(registry: dict[str, Any], kind: str, name: str) -> Callable[[_T], _T]:
+    """A decorator adding a factory to ``registry`` under ``name``; a duplicate raises.
+
+    >>> registry: dict[str, Any] = {}
+    >>> _ = registering(registry, "model", "m")(dict)
+    >>> registering(registry, "model", "m")(list)
+    Traceback (most recent call last):
+    ValueError: model name='m' is already registered (by <class 'dict'>); pick another name
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} must be a non-empty string")
+
+    def decorator(factory: _T) -> _T:
+        if name in registry:
+            raise ValueError(
+                f"{kind} name={name!r} is already registered (by {registry[name]!r}); "
+                "pick another name"
+            )
+        if not callable(factory):
+            raise TypeError(f"register_{kind}({name!r}) needs a callable, got {factory!r}")
+        registry[name] = factory
+        return factory
+
+    return decorator
 
 
 def import_object(path: str, key: str = "_target_") -> Any:

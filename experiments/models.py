@@ -29,7 +29,7 @@ from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
-from prunekit.experiments.imports import import_object
+from prunekit.experiments.imports import import_object, registering
 from torch import nn
 
 __all__ = [
@@ -63,21 +63,7 @@ def register_model(name: str) -> Callable[[_F], _F]:
     torch.Size([1, 3])
     >>> _ = _REGISTRY.pop("doctest_mlp")  # keep the registry clean
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name={name!r} must be a non-empty string")
-
-    def decorator(factory: _F) -> _F:
-        if name in _REGISTRY:
-            raise ValueError(
-                f"model name={name!r} is already registered (by {_REGISTRY[name]!r}); "
-                "pick another name"
-            )
-        if not callable(factory):
-            raise TypeError(f"register_model({name!r}) needs a callable, got {factory!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return registering(_REGISTRY, "model", name)
 
 
 def list_models() -> list[str]:
