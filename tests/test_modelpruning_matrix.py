@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,9 +29,9 @@ from prunekit.callbacks import Pruning
 from prunekit.schedules import Constant, Steps
 from torch import nn
 
+import prunekit._masks
 from prunekit import (
     Pruner,
-    list_methods,
     ln_structured_mask,
     random_structured_mask,
     register_method,
@@ -73,20 +74,26 @@ class EveryOther(torch_prune.BasePruningMethod):
         return super().apply(module, name, amount=amount)
 
 
-if "every_other_demo" not in list_methods():
+def every_other(
+    t: torch.Tensor, amount: float | int, *, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same rule as a prunekit mask function: of the entries still kept (flat
+    order), prune every other one, starting with the first; the amount is ignored."""
+    keep = torch.ones(t.numel(), dtype=torch.bool)
+    if mask is not None:
+        keep = mask.reshape(-1).clone()
+    alive = keep.nonzero().squeeze(1)
+    keep[alive[::2]] = False
+    return keep.view(t.shape)
 
-    @register_method("every_other_demo")
-    def every_other(
-        t: torch.Tensor, amount: float | int, *, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The same rule as a prunekit mask function: of the entries still kept (flat
-        order), prune every other one, starting with the first; the amount is ignored."""
-        keep = torch.ones(t.numel(), dtype=torch.bool)
-        if mask is not None:
-            keep = mask.reshape(-1).clone()
-        alive = keep.nonzero().squeeze(1)
-        keep[alive[::2]] = False
-        return keep.view(t.shape)
+
+@pytest.fixture(autouse=True, scope="module")
+def every_other_registered() -> Iterator[None]:
+    """Registered only while this module's tests run: the method list other tests print
+    (e.g. the bad-input catalogue's "choose one of [...]") must not depend on test order."""
+    register_method("every_other_demo")(every_other)
+    yield
+    del prunekit._masks._METHODS["every_other_demo"]
 
 
 FNS = ["l1_unstructured", "random_unstructured", "ln_structured", "random_structured", "custom"]
