@@ -157,6 +157,12 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
         torch.save(results, out / "result.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can race them at
+    # interpreter exit and abort a worker whose work is finished ("terminate called
+    # without an active exception"); the results are already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
