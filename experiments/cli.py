@@ -2,6 +2,7 @@
 
 prunekit run     experiments/configs/quick_gradual.yaml [key=value ...]
 prunekit lottery experiments/configs/quick_lottery.yaml [key=value ...]
+prunekit oneshot experiments/configs/oneshot_lenet300.yaml [key=value ...]
 prunekit report  RUN_DIR [RUN_DIR ...] [--plot comparison.png]
 prunekit export  RUN_DIR --compact | --sparse
 prunekit models | datasets                       # what model= and data.name= accept
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "train or fine-tune under a sparsity schedule"),
         ("lottery", "iterative magnitude pruning with rewinding"),
+        ("oneshot", "prune a trained dense model once per method and sparsity, no retraining"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="a YAML config (see experiments/configs/)")
@@ -72,6 +74,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
+        if args.command == "oneshot":
+            from prunekit.experiments.oneshot import main as oneshot
+
+            return oneshot(args)
         if args.command == "export":
             return export.main(args)
         if args.command == "report":

@@ -132,6 +132,28 @@ class GradualConfig(ExperimentConfig):
     )
 
 
+@dataclass
+class OneShotConfig(ExperimentConfig):
+    """``prunekit oneshot``: a trained dense model pruned once per method, scope and
+    sparsity, without retraining, and evaluated on the test set."""
+
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    methods: list[str] = _help(
+        ["magnitude", "wanda", "taylor"], "pruning methods compared (registered names)"
+    )
+    scopes: list[str] = _help(["global", "layer"], "scopes compared: global and/or layer")
+    sparsities: list[float] = _help(
+        [0.0, 0.5, 0.7, 0.9], "target sparsities, each pruned from the dense weights"
+    )
+    calibration_batches: int = _help(
+        8, "training batches (of data.batch_size) the data-aware methods calibrate on"
+    )
+    exclude: list[str] = _help([], "parameter names or globs left dense")
+    checkpoint_every: int = _help(
+        500, "save a resumable checkpoint of the dense training this often (0: never; not hashed)"
+    )
+
+
 REWIND_MODES = ("init", "step", "lr", "finetune")
 CONTROLS = ("random_reinit", "random_prune")
 
@@ -244,6 +266,9 @@ def check_config(cfg: DictConfig) -> None:
         "must be sgd, adam or adamw",
     )
     _check_sections(cfg)
+    if "sparsities" in cfg:  # prunekit oneshot
+        _check_oneshot(cfg)
+        return
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
         check(
@@ -369,3 +394,45 @@ def _check_pruning(cfg: DictConfig) -> None:
             )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pruning: {e}") from None
+
+
+def _check_oneshot(cfg: DictConfig) -> None:
+    """Dense source, sparsities, calibration, and every (method, scope) pair, checked by
+    building a Pruner on the model (the global random state is left as it was)."""
+
+    def check(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} {why}")
+
+    check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
+    check(
+        cfg.dense.steps > 0 or cfg.dense.checkpoint is not None,
+        "dense.steps",
+        cfg.dense.steps,
+        "must be > 0 unless dense.checkpoint gives trained weights (one-shot needs them)",
+    )
+    check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0")
+    check(
+        cfg.calibration_batches >= 1,
+        "calibration_batches",
+        cfg.calibration_batches,
+        "must be >= 1",
+    )
+    for key in ("methods", "scopes", "sparsities"):
+        values = list(cfg[key])
+        check(len(values) > 0, key, values, "must not be empty")
+        check(len(set(values)) == len(values), key, values, "lists a value twice")
+    for s in cfg.sparsities:
+        check(0.0 <= s < 1.0, "sparsities", s, "must be in [0, 1)")
+    for scope in cfg.scopes:
+        check(scope in ("global", "layer"), "scopes", scope, "must be global or layer")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            data = OmegaConf.to_container(cfg.data, resolve=True)
+            shape, classes = data_shape(datamodule_from_config(data, cfg.seed))
+            model = build_model(cfg.model, num_classes=classes, input_shape=shape)
+            for method in cfg.methods:
+                for scope in cfg.scopes:
+                    Pruner(model, method=method, scope=scope, exclude=list(cfg.exclude)).remove()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"methods/scopes/exclude: {e}") from None

@@ -191,6 +191,84 @@ def plot_lottery(
     return path
 
 
+# ------------------------------------------------------------------ one-shot
+def oneshot_points(
+    summaries: Sequence[dict[str, Any]], metric: str = "test_acc"
+) -> dict[str, list[tuple[float, float, float | None, int]]]:
+    """Per line (``method (scope)``): ``(target sparsity, mean, sample std, n)`` over the
+    given one-shot runs (the seeds of one experiment), sparsest last.
+
+    >>> def run(acc):
+    ...     return {"name": "x", "results": [{"method": "wanda", "scope": "layer",
+    ...             "target_sparsity": 0.5, "test_acc": acc}]}
+    >>> oneshot_points([run(0.5), run(1.0)])  # sample std of (0.5, 1.0): sqrt(0.125)
+    {'wanda (layer)': [(0.5, 0.75, 0.3535533905932738, 2)]}
+    """
+    _one_name(summaries)
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for summary in summaries:
+        for r in summary["results"]:
+            label = f"{r['method']} ({r['scope']})"
+            series[label][round(r["target_sparsity"], 6)].append(r[metric])
+    return {
+        label: [(x, *mean_std(points[x])) for x in sorted(points)]
+        for label, points in series.items()
+    }
+
+
+def oneshot_figure(summaries: Sequence[dict[str, Any]]) -> Any:
+    """Test accuracy against target sparsity of one one-shot experiment: one line per
+    method and scope, mean ± sample std over its seeds, the dense accuracy as reference."""
+    name = _one_name(summaries)
+    fig, ax = _axes(
+        f"{name}: one-shot pruning, no retraining\n({SPREAD})",
+        "sparsity of the targeted weights (%)",
+        "test accuracy",
+    )
+    for label, points in oneshot_points(summaries).items():
+        n = max(p[3] for p in points)
+        ax.errorbar(
+            [100 * p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] or 0.0 for p in points],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            linestyle="--" if label.endswith("(layer)") else "-",
+            label=f"{label} (n={n})",
+        )
+    dense, _, n = mean_std(s["dense_test_acc"] for s in summaries)
+    ax.axhline(dense, linestyle=":", color="0.4", label=f"dense (mean of {n})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_oneshot(summaries: Sequence[dict[str, Any]], path: Path) -> Path:
+    """:func:`oneshot_figure` of one experiment's runs (seeds), written to ``path``."""
+    oneshot_figure(summaries).savefig(path)
+    return path
+
+
+def oneshot_rows(summaries: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows of one one-shot experiment: method, scope, target sparsity, seeds,
+    measured sparsity and test accuracy (mean ± sample std)."""
+    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
+    for summary in summaries:
+        for r in summary["results"]:
+            cells[(r["scope"], r["method"], r["target_sparsity"])].append(r)
+    return [
+        [
+            method,
+            scope,
+            f"{100 * target:g}%",
+            len(records),
+            _mean_std([r["sparsity"] for r in records]),
+            _mean_std([r["test_acc"] for r in records]),
+        ]
+        for (scope, method, target), records in cells.items()
+    ]
+
+
 # ------------------------------------------------------------------ gradual accuracy
 def gradual_curve(run: Path, summary: dict[str, Any]) -> tuple[list[tuple[int, float]], int]:
     """Validation accuracy against the run's optimizer step, dense phase included, and the
@@ -350,6 +428,20 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
         lines.append(
             table(["round", "variant", "remaining", "seeds", "acc (early stop)", "acc (end)"], rows)
         )
+    for (kind, name), g in groups.items():
+        if kind != "oneshot":
+            continue
+        summaries = [s for _, s in g]
+        lines.append(
+            f"{name} (one-shot, no retraining; dense acc "
+            f"{_mean_std([s['dense_test_acc'] for s in summaries])}; {SPREAD})"
+        )
+        lines.append(
+            table(
+                ["method", "scope", "target", "seeds", "sparsity", "test acc"],
+                oneshot_rows(summaries),
+            )
+        )
     if plot_path is not None:
         lines.append("\n".join(f"plot written: {p}" for p in _plot_groups(groups, Path(plot_path))))
     return "\n\n".join(lines)
@@ -369,6 +461,8 @@ def _plot_groups(
             path = plot_path.with_name(f"{plot_path.stem}-{tag}{plot_path.suffix}")
         if kind == "lottery":
             plot_lottery([s for _, s in g], path)
+        elif kind == "oneshot":
+            plot_oneshot([s for _, s in g], path)
         else:
             plot_gradual(g, path)
         written.append(path)
