@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 import weakref
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -23,15 +26,28 @@ class RewindPoint(Callback):
     surviving weights with :meth:`rewind`. Reused for another module, the point captures
     that module afresh (a capture belongs to the module it was taken from).
 
+    With ``path``, the capture also writes a full Lightning checkpoint there (atomically:
+    a temporary file renamed into place), so that later fits *start at step k* with
+    ``trainer.fit(module, ckpt_path=path)``: weights, optimizer and LR-scheduler state,
+    and the step count (they then train from step k to ``max_steps``). This is how
+    late rewinding (Frankle et al. 2020) and the instability analysis restart training
+    from step k. A fit that ends before step k captures nothing and warns.
+
     >>> point = RewindPoint(step=0)
     >>> point.captured
     False
+    >>> RewindPoint(step=500, path="runs/rewind.ckpt")
+    RewindPoint(step=500, captured=False, path='runs/rewind.ckpt')
     """
 
-    def __init__(self, step: int = 0) -> None:
+    def __init__(self, step: int = 0, path: str | os.PathLike[str] | None = None) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be an int >= 0")
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path={path!r} must be a file path or None")
         self.step = step
+        self.path = None if path is None else Path(path)
+        self._saving = False
         self.weights: dict[str, torch.Tensor] | None = None
         self.optimizer_states: list[dict[str, Any]] = []
         self.scheduler_states: list[dict[str, Any]] = []
@@ -70,8 +86,17 @@ class RewindPoint(Callback):
         if trainer.global_step == self.step:
             self.capture(trainer, pl_module)
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.captured and trainer.global_step < self.step:
+            rank_zero_warn(
+                f"RewindPoint(step={self.step}): the fit ended at step {trainer.global_step}, "
+                "before the rewind point; nothing was captured"
+            )
+
     def capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Take the snapshot now (once: later calls keep the first capture)."""
+        """Take the snapshot now (once: later calls keep the first capture); with
+        ``path``, also write the Lightning checkpoint there."""
         if self.captured:
             return
         self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -80,6 +105,16 @@ class RewindPoint(Callback):
             copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs
         ]
         self._module = weakref.ref(pl_module)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            self._saving = True  # the file is the rewind point: no copy of it inside
+            try:
+                trainer.save_checkpoint(tmp, weights_only=False)  # all ranks call, rank 0 writes
+            finally:
+                self._saving = False
+            if trainer.is_global_zero:
+                os.replace(tmp, self.path)
 
     def rewind(self, model: torch.nn.Module, pruner: Pruner | None = None) -> None:
         """Load the captured weights into ``model``; with a ``pruner``, its masks are
@@ -103,6 +138,8 @@ class RewindPoint(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._saving:  # Lightning leaves an empty entry out of the checkpoint
+            return {}
         return {
             "step": self.step,
             "weights": self.weights,
@@ -121,4 +158,5 @@ class RewindPoint(Callback):
         return {**self.__dict__, "_module": None}  # a weak reference does not pickle
 
     def __repr__(self) -> str:
-        return f"RewindPoint(step={self.step}, captured={self.captured})"
+        where = "" if self.path is None else f", path={str(self.path)!r}"
+        return f"RewindPoint(step={self.step}, captured={self.captured}{where})"

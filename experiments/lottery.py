@@ -8,9 +8,11 @@ after ``r`` rounds, rewinds the surviving weights and trains again:
 - ``rewind=init``: the survivors take their initial values (Frankle & Carbin 2019);
   fresh optimizer and LR schedule, ``steps_per_round`` steps.
 - ``rewind=step``: late rewinding (Frankle et al. 2020) to the Lightning checkpoint taken
-  after ``rewind_step`` = k steps of round 0: weights, optimizer state, LR-scheduler
-  state and step count; the round trains from step k to ``steps_per_round``. Optimizer
-  state of pruned entries is zeroed. (k = 0 is rewind=init.)
+  after ``rewind_step`` = k steps of round 0 (written by
+  :class:`prunekit.callbacks.RewindPoint` with ``path``): weights, optimizer state,
+  LR-scheduler state and step count; the round trains from step k to
+  ``steps_per_round``. Optimizer state of pruned entries is zeroed. (k = 0 is
+  rewind=init.)
 - ``rewind=lr``: learning-rate rewinding (Renda et al. 2020): keep the final weights,
   fresh optimizer, the LR schedule replayed from its start.
 - ``rewind=finetune``: keep the final weights, train at the constant ``finetune_lr``.
@@ -21,6 +23,10 @@ entry together at the plan's ``rate`` sparsity, and prunes the ``layer_rates`` l
 separately at their own rates (so the default ``{output: 0.1}`` still holds the output
 layer back). ``layer_rates`` keys are ``output`` (the model's output layer weight) or
 target parameter names, with or without the LightningModule's ``model.`` prefix.
+
+Every round >= 1 trains under its fixed mask through
+:class:`prunekit.callbacks.HoldMasks` (pruned weights, gradients and optimizer state stay
+zero).
 
 Controls (``controls``), trained after the lottery variant of each round >= 1 with the
 same training settings, reuse that round's mask:
@@ -45,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os
 import shutil
 import time
 import warnings
@@ -54,11 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+from prunekit.callbacks import HoldMasks, RewindPoint
 from prunekit.experiments import training
 from prunekit.experiments.config import CONTROLS, ConfigError, check_config
 from prunekit.experiments.data import FashionMNISTDataModule
@@ -79,7 +84,6 @@ from prunekit.experiments.paths import (
 )
 from prunekit.schedules import LotteryTicketPlan
 from torch import Tensor
-from typing_extensions import override
 
 from prunekit import Pruner
 
@@ -205,57 +209,6 @@ def lottery_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(
         [title, line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)]
     )
-
-
-# --------------------------------------------------------------------------- callbacks
-class _HoldMasks(Callback):
-    """Keep fixed masks through one fit.
-
-    The masks are set at ``on_train_start``, which Lightning calls after it restored a
-    checkpoint's weights and optimizer state, so both are masked (pruned entries' Adam
-    moments / momentum zeroed) before the first step.
-    """
-
-    def __init__(self, masks: Masks) -> None:
-        self.masks = masks
-        self.pruner: Pruner | None = None
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.pruner = Pruner(pl_module, targets=list(self.masks))
-        for optimizer in trainer.optimizers:
-            self.pruner.attach(optimizer)
-        self.pruner.set_masks(self.masks)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruner is not None:
-            self.pruner.remove()  # leaves plain weights with zeros
-            self.pruner = None
-
-
-class _CheckpointAt(Callback):
-    """Save a full Lightning checkpoint (atomically) once ``step`` optimizer steps are done."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-        self.saved = False
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self.saved or trainer.global_step != self.step:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, self.path)
-        self.saved = True
 
 
 # --------------------------------------------------------------------------- the run
@@ -448,10 +401,10 @@ class _Run:
         evaluations = training.Evaluations(test_loader, label=f"{label} ")
         callbacks: list[Callback] = [evaluations]
         if r > 0:
-            callbacks.insert(0, _HoldMasks(masks))
+            callbacks.insert(0, HoldMasks(masks))
         late = cfg.rewind == "step" and cfg.rewind_step > 0
         if r == 0 and late:
-            callbacks.append(_CheckpointAt(cfg.rewind_step, self.paths.rewind_checkpoint))
+            callbacks.append(RewindPoint(cfg.rewind_step, path=self.paths.rewind_checkpoint))
         log_dir = self.paths.logs / f"round_{r:02d}_{variant}"
         shutil.rmtree(log_dir, ignore_errors=True)  # a retrained round starts a fresh log
         with warnings.catch_warnings():
