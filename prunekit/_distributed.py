@@ -189,13 +189,10 @@ def structured_mask(
     assert sharding is not None
     options = dict(options)
     dim = _masks.check_dim(options.pop("dim", -1 if method == "nm" else 0), param.ndim)
+    if "scores" in options and options["scores"] is not None:
+        options["scores"] = _local_scores(options["scores"], param, method)
     if method == "nm":
-        m = options.get("m", 4)
-        if layout.offset[dim] % m or layout.local[dim] % m:
-            raise NotImplementedError(
-                f"nm with m={m} along dim={dim}: this rank's shard (rows {layout.offset[dim]}.."
-                f"{layout.offset[dim] + layout.local[dim]}) splits a group; shard another dim"
-            )
+        check_groups(param, dim, options.get("m", 4))
         new = _masks.nm_mask(block, dim=dim, **options) & local_mask
         return _as_like(new, mask)
     if method not in ("ln_structured", "random_structured"):
@@ -230,6 +227,52 @@ def structured_mask(
     return _as_like(local_mask & keep.view(shape), mask)
 
 
+def check_groups(param: DTensor, dim: int, m: object) -> None:
+    """Raise on every rank, before anything changes, unless every group of ``m``
+    consecutive entries along ``dim`` of ``param`` lies on one rank (N:M needs whole
+    groups: a group split between ranks would be ranked in two halves, silently wrong).
+
+    A collective (one all-reduce of one number): every rank must call it.
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        return  # nm_mask names the bad value the same way on every rank
+    size = param.shape[dim]
+    if size % m:
+        raise ValueError(f"m={m} does not divide the size {size} of dim={dim}")
+    sharding = Sharding.of([param])
+    assert sharding is not None
+    layout = Layout.of(param)
+    start, stop = layout.offset[dim], layout.offset[dim] + layout.local[dim]
+    split = stop > start and bool(start % m or stop % m)
+    # each rank adds its own bit: which ranks split a group, known to all of them
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=sharding.device)
+    flags[dist.get_rank()] = int(split)
+    splitting = [r for r, f in enumerate(sharding.reduce(flags).tolist()) if f]
+    if splitting:
+        raise ValueError(
+            f"nm with m={m} along dim={dim} of a parameter of shape {tuple(param.shape)} "
+            f"sharded as {list(param.placements)}: the shards of rank(s) {splitting} split a "
+            f"group of {m} consecutive entries between ranks (this rank holds entries "
+            f"{start}..{stop - 1} of dim {dim}); N:M needs every group on one rank: shard "
+            f"another dim, or make each shard's size along dim {dim} a multiple of {m}"
+        )
+
+
+def _local_scores(scores: Tensor, param: DTensor, method: str) -> Tensor:
+    """This rank's part of user scores given for a sharded parameter: per slice (one
+    full vector, as one process takes them) for structured methods, else laid out as
+    the parameter (a DTensor placed as it is, or the full tensor)."""
+    if method != "nm":
+        return full_mask(scores) if isinstance(scores, DTensor) else scores.cpu()
+    if isinstance(scores, DTensor):
+        if scores.placements != param.placements or scores.device_mesh != param.device_mesh:
+            scores = scores.redistribute(param.device_mesh, param.placements)
+        return scores.to_local()
+    if tuple(scores.shape) != tuple(param.shape):
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected {tuple(param.shape)}")
+    return Layout.of(param).block(scores).to(param.to_local().device)
+
+
 def _slice_scores(
     weights: Tensor,
     n: float,
@@ -244,21 +287,23 @@ def _slice_scores(
 ) -> Tensor:
     from prunekit import _masks
 
+    # the dtype one process takes norms in (ln_structured_mask): float64 for float64
+    wide = torch.float64 if weights.dtype == torch.float64 else torch.float32
     scores = torch.zeros(size, dtype=torch.float64, device=sharding.device)
     if whole:  # whole slices here: exactly the norms one process computes
-        norms = _masks._slice_norms(weights.float(), n, dim)
+        norms = _masks._slice_norms(weights.to(wide), n, dim)
         scores[off : off + here] = norms.double().to(sharding.device) * own
-        return sharding.reduce(scores).float().cpu()
+        return sharding.reduce(scores).to(wide).cpu()
     w = weights.double()
     if n == math.inf:
         part = w.abs().amax(dim=others) if w.numel() else torch.zeros(here, dtype=torch.float64)
         scores[off : off + here] = part.to(sharding.device)
         dist.all_reduce(scores, op=dist.ReduceOp.MAX)
-        return scores.float().cpu()
+        return scores.to(wide).cpu()
     power = (w != 0).double() if n == 0 else w.abs() if n == 1 else w.square()
     scores[off : off + here] = power.sum(dim=others).to(sharding.device) * own
     scores = sharding.reduce(scores)
-    return (scores.sqrt() if n == 2 else scores).float().cpu()
+    return (scores.sqrt() if n == 2 else scores).to(wide).cpu()
 
 
 def _as_like(local_mask: Tensor, ref: DTensor) -> DTensor:

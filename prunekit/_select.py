@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -441,24 +441,14 @@ def _prune_lowest_hist(
     # Passes over tied entries' positions (only when some, not all, of them must go).
     cut = -1
     if ties < tied:
-        shift = max(0, (bases[-1] - 1).bit_length() - 1) // _DIGIT * _DIGIT
-        prefix, rank = 0, ties
-        while True:
-            hist = _Hist((1 << _DIGIT) + 1)
+
+        def tied_entries() -> Iterator[tuple[Tensor, Tensor]]:
             for i, start, stop in chunks():
                 key, part, scratch = read(i, start, stop)
                 chosen = torch.eq(key, threshold, out=scratch.flags.narrow(0, 0, stop - start))
-                chosen.logical_and_(part)
-                pos = positions(i, start, stop, key.device)
-                chosen.logical_and_(torch.bitwise_right_shift(pos, shift + _DIGIT).eq_(prefix))
-                digit = torch.bitwise_right_shift(pos, shift).bitwise_and_((1 << _DIGIT) - 1)
-                hist.add(digit.masked_fill_(chosen.logical_not_(), 1 << _DIGIT))
-            digit_value, rank = _pick(hist.total(sharded)[: 1 << _DIGIT], rank)
-            prefix = (prefix << _DIGIT) | digit_value
-            if shift == 0:
-                break
-            shift -= _DIGIT
-        cut = prefix  # the global position of the last tied entry to go
+                yield positions(i, start, stop, key.device), chosen.logical_and_(part)
+
+        cut = _position_cut(tied_entries, bases[-1], ties, sharded)
 
     # Last pass (every block, replicas too): clear below the threshold, and the ties.
     for i, start, stop in chunks(owned_only=False):
@@ -472,6 +462,34 @@ def _prune_lowest_hist(
             drop = torch.eq(key, threshold, out=scratch.flags.narrow(0, 0, n))
             drop.logical_and_(positions(i, start, stop, key.device).le_(cut))
             part.logical_and_(drop.logical_not_())
+
+
+def _position_cut(
+    tied_entries: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+    positions: int,
+    rank: int,
+    sharded: Sharding | None,
+) -> int:
+    """The global position of the ``rank``-th (1-based) tied entry, in position order.
+
+    ``tied_entries()`` yields, chunk by chunk, the global positions (int64, below
+    ``positions``) and a bool flag per entry saying whether it is tied; flags may be
+    overwritten. One histogram pass per 16-bit digit of the positions, most significant
+    first (summed across ranks when ``sharded``): no position is ever gathered.
+    """
+    shift = max(0, (positions - 1).bit_length() - 1) // _DIGIT * _DIGIT
+    prefix = 0
+    while True:
+        hist = _Hist((1 << _DIGIT) + 1)
+        for pos, chosen in tied_entries():
+            chosen.logical_and_(torch.bitwise_right_shift(pos, shift + _DIGIT).eq_(prefix))
+            digit = torch.bitwise_right_shift(pos, shift).bitwise_and_((1 << _DIGIT) - 1)
+            hist.add(digit.masked_fill_(chosen.logical_not_(), 1 << _DIGIT))
+        digit_value, rank = _pick(hist.total(sharded)[: 1 << _DIGIT], rank)
+        prefix = (prefix << _DIGIT) | digit_value
+        if shift == 0:
+            return prefix
+        shift -= _DIGIT
 
 
 def _high_bins(key: Tensor, part: Tensor, out: Tensor) -> Tensor:

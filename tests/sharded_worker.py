@@ -28,16 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prunekit import Pruner
 
 
-def make_model(ties: bool) -> nn.Module:
-    """Shapes that split unevenly over 2 and 4 ranks (7, 13 and 5 rows)."""
+def make_model(ties: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shapes that split unevenly over 2 and 4 ranks (7, 13 and 5 rows).
+
+    float64 models hold values that float32 could not tell apart: few distinct values,
+    each moved by a different multiple of 1e-10 (below float32's resolution), so ranking
+    them in float32 would tie them and prune other entries than one float64 process.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(12, 7), nn.ReLU(), nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5)
-    )
-    if ties:  # few distinct values: long runs of equal magnitudes
+    ).to(dtype)
+    if ties or dtype == torch.float64:  # few distinct values: long runs of equal magnitudes
+        g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_((p * 8).round() / 8)
+                if dtype == torch.float64:
+                    p.add_(torch.randint(-50, 50, p.shape, generator=g, dtype=dtype) * 1e-10)
     return model
 
 
@@ -64,10 +72,54 @@ def full(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: m.full_tensor() if isinstance(m, DTensor) else m.clone() for n, m in masks.items()}
 
 
-def scores_for(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+def scores_for(
+    model: nn.Module, names: list[str], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     params = dict(model.named_parameters())
-    return {n: torch.randn(params[n].shape, generator=g) for n in names}
+    scores = {n: torch.randn(params[n].shape, generator=g) for n in names}
+    if dtype == torch.float64:  # ties that only float64 breaks, against the index order
+        for n, s in scores.items():
+            later = torch.arange(s.numel(), dtype=torch.float64).view(s.shape)
+            scores[n] = (s * 4).round().double() + 100 - later * 1e-13
+    return scores
+
+
+def raising(case: str, sharding: str, world: int) -> list[str]:
+    """Every rank's error message (all ranks must raise, none may hang)."""
+    kwargs, steps = RAISING[case]
+    model = shard(make_model(False), sharding, world)
+    pruner = Pruner(model, **kwargs)
+    before = full(pruner.masks)
+    try:
+        for amount in steps:
+            pruner.prune_to(amount)
+        message = "did not raise"
+    except ValueError as e:
+        message = str(e)
+    unchanged = all(torch.equal(m, before[n]) for n, m in full(pruner.masks).items())
+    messages: list[Any] = [None] * world
+    dist.all_gather_object(messages, (message, unchanged))
+    return messages
+
+
+def set_full_masks(sharding: str, world: int) -> tuple[Any, Any]:
+    """Pruner.set_masks given whole (unsharded) masks on a sharded model: the masks it
+    leaves (or the error each rank raised), and one process's masks for the same input."""
+    base = make_model(False)
+    single_model, sharded_model = copy.deepcopy(base), shard(copy.deepcopy(base), sharding, world)
+    single, sharded = Pruner(single_model), Pruner(sharded_model)
+    g = torch.Generator().manual_seed(11)
+    given = {n: torch.rand(m.shape, generator=g) > 0.4 for n, m in single.masks.items()}
+    single.set_masks(given)
+    try:
+        sharded.set_masks(given)
+        outcome: Any = full(sharded.masks)
+    except (ValueError, TypeError, RuntimeError) as e:
+        outcome = f"{type(e).__name__}: {e}"
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, outcome if isinstance(outcome, str) else "ok")
+    return outcome, outcomes, full(single.masks)
 
 
 def place(full_scores: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,6 +146,25 @@ CASES: dict[str, tuple[dict[str, Any], list[Any]]] = {
     "ln_inf": ({"method": "ln_structured", "scope": "layer", "dim": 1, "n": float("inf")}, [0.3]),
     "random_rows": ({"method": "random_structured", "scope": "layer", "dim": 0}, [0.3, 0.5]),
     "nm": ({"targets": {"0.weight": {"method": "nm", "n": 2, "m": 4, "dim": 1}}}, [0.5]),
+    # groups of 3 along dim 1 (width 12): whole groups on every rank of Shard(1) too
+    "nm3": ({"targets": {"0.weight": {"method": "nm", "n": 2, "m": 3, "dim": 1}}}, [0.5]),
+    # float64 weights (values float32 cannot tell apart): 64-bit keys across ranks
+    "f64_global": ({}, [0.3, 0.6]),
+    "f64_layer": ({"scope": "layer"}, [0.45]),
+    "f64_scores": ({}, ["scores:0.5"]),  # 18 of the 30 scores tied in float32 go
+    "f64_ln_rows": ({"method": "ln_structured", "scope": "layer", "dim": 0}, [0.4]),
+    "f64_ln_cols_inf": (
+        {"method": "ln_structured", "scope": "layer", "dim": 1, "n": float("inf")},
+        [0.3],
+    ),
+}
+TP_SKIP = ("ln_rows", "nm", "f64_ln_rows")  # Shard(1) splits dim 1: those need dim 0 rows
+
+# Cases that must raise the same error on every rank (recorded as ("raised", messages)).
+# Shard(1) of the 12 input columns leaves 6 (2 ranks) or 3 (4 ranks) per rank: groups of
+# 4 along dim 1 cross ranks.
+RAISING: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "nm_split": ({"targets": {"0.weight": {"method": "nm", "n": 2, "m": 4, "dim": 1}}}, [0.5]),
 }
 
 
@@ -104,20 +175,28 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
     wanted = os.environ.get("SHARDED_CASES", ",".join(CASES)).split(",")
     results: dict[str, Any] = {}
     for case in wanted:
-        kwargs, steps = CASES[case]
-        if sharding == "tp" and case in ("ln_rows", "nm"):
+        if case in RAISING:
+            results[case] = raising(case, sharding, world)
             continue
-        base = make_model(ties=case == "ties")
+        if case == "set_full":
+            results[case] = set_full_masks(sharding, world)
+            continue
+        kwargs, steps = CASES[case]
+        if sharding == "tp" and case in TP_SKIP:
+            continue
+        dtype = torch.float64 if case.startswith("f64") else torch.float32
+        base = make_model(ties=case == "ties", dtype=dtype)
         single_model, sharded_model = (
             copy.deepcopy(base),
             shard(copy.deepcopy(base), sharding, world),
         )
         single, sharded = Pruner(single_model, **kwargs), Pruner(sharded_model, **kwargs)
         for amount in steps:
-            if amount == "scores":
-                scores = scores_for(single_model, single.names)
-                single.prune_to(0.55, scores=scores)
-                sharded.prune_to(0.55, scores=place(scores, sharded_model))
+            if isinstance(amount, str):  # "scores" or "scores:SPARSITY"
+                sparsity = float(amount.partition(":")[2] or 0.55)
+                scores = scores_for(single_model, single.names, dtype)
+                single.prune_to(sparsity, scores=scores)
+                sharded.prune_to(sparsity, scores=place(scores, sharded_model))
             else:
                 single.prune_to(amount)
                 sharded.prune_to(amount)
