@@ -2,11 +2,14 @@
 
 prunekit run     experiments/configs/quick_gradual.yaml [key=value ...]
 prunekit lottery experiments/configs/quick_lottery.yaml [key=value ...]
+prunekit instability experiments/configs/quick_instability.yaml [key=value ...]
 prunekit oneshot experiments/configs/oneshot_lenet300.yaml [key=value ...]
 prunekit report  RUN_DIR [RUN_DIR ...] [--plot comparison.png]
 prunekit export  RUN_DIR --compact | --sparse
 prunekit models | datasets                       # what model= and data.name= accept
 prunekit run CONFIG [key=value ...] --print-config  # every key, its value and help text
+prunekit run A.yaml [B.yaml ...] seed=0,1 key=v1,v2 --jobs N   # many runs (see jobs.py)
+prunekit run CONFIG seed=0,1,2 --cluster slurm --partition P    # one submitit job per run
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from prunekit.experiments import export, report
+from prunekit.experiments import export, jobs, report
 from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
 from prunekit.experiments.paths import RunFolderError, RunPaths
 
@@ -30,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "train or fine-tune under a sparsity schedule"),
         ("lottery", "iterative magnitude pruning with rewinding"),
         ("oneshot", "prune a trained dense model once per method and sparsity, no retraining"),
+        ("instability", "linear mode connectivity: error barrier between two copies from step k"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="a YAML config (see experiments/configs/)")
@@ -45,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="print every config key with its value and help text, and exit (runs nothing)",
         )
+        if name in jobs.COMMANDS:  # several configs, sweeps (key=a,b), --jobs, --cluster
+            jobs.add_arguments(cmd)
     cmp = sub.add_parser("report", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run folders")
     cmp.add_argument("--plot", type=Path, default=None, help="write a combined plot here (PNG)")
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             from prunekit.experiments.oneshot import main as oneshot
 
             return oneshot(args)
+        if args.command == "instability":
+            from prunekit.experiments.instability import main as instability
+
+            return instability(args)
         if args.command == "export":
             return export.main(args)
         if args.command == "report":
@@ -86,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("models", "datasets"):
             print(report.registry_table(args.command))
             return 0
+        if args.command in jobs.COMMANDS:
+            many = jobs.main(args)  # None: one run, run here below as always
+            if many is not None:
+                return many
         if args.print_config:
             schema = GradualConfig if args.command == "run" else LotteryConfig
             cfg = load_config(schema, args.config, args.overrides)

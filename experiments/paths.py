@@ -132,6 +132,10 @@ class RunPaths:
     def export_record(self, mode: str) -> Path:
         return self.root / f"export_{mode}.json"
 
+    #: many runs at once (``prunekit run --jobs`` / ``--cluster``): the output of the
+    #: run's process, and the folder of submitit's job files
+    job_log = property(lambda self: self.root / "job.log")
+    cluster_logs = property(lambda self: self.root / "cluster")
     #: the run lock: holds the pid, host and start time of the process running here
     lock = property(lambda self: self.root / "run.lock")
     #: gradual runs: the dense phase's record (its wall time), written before dense.pt

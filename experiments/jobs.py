@@ -1,0 +1,804 @@
+"""Many runs at once: several configs and sweeps over override values, run in parallel
+processes on this machine (``--jobs N``) or as cluster jobs through submitit
+(``--cluster slurm``).
+
+How a user writes several runs (``prunekit run`` and ``prunekit lottery`` alike)::
+
+    prunekit run a.yaml b.yaml                        # two configs: two runs
+    prunekit run a.yaml seed=0,1,2 train.lr=0.1,0.01  # a sweep: the product, 6 runs
+    prunekit run a.yaml seed=0,1 --jobs 2             # two processes at a time
+
+A value with a comma at its top level lists the values of a sweep; commas inside
+brackets, braces or quotes do not split (``controls=[random_reinit,random_prune]`` is one
+value, ``'controls=[random_reinit],[random_prune]'`` two). Every run of a sweep keeps its
+own run folder as a single run would (``out_dir/<name>-<hash>``). A swept key other than
+``seed`` (and the keys that are not part of a run folder's identity, ``out_dir``,
+``rounds``, ``checkpoint_every``) is added to the run's name, ``quick_train.lr-0.01``, so
+that ``prunekit report`` keeps variants apart and pools only seeds. Two runs that would
+share a folder, or share a name without differing only in their seed, are refused before
+anything starts.
+
+Each run is a child process ``python -m prunekit.experiments.cli <command> CONFIG
+overrides... --threads T`` (the same command a serial run is), with its output in
+``<run folder>/job.log``. On a cluster each run is one submitit job calling the same
+command line in the job's process (:func:`run_command`).
+
+Another subcommand joins by calling :func:`add_arguments` on its parser and
+:func:`register_command` with its config schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
+from prunekit.experiments.paths import UNHASHED_KEYS, RunFolderError, RunPaths
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock probe (the run itself still refuses)
+    fcntl = None  # type: ignore[assignment]
+
+#: The subcommands that take ``CONFIG... [key=value ...]`` and so can run many runs.
+COMMANDS: dict[str, type] = {"run": GradualConfig, "lottery": LotteryConfig}
+
+#: Swept keys that are not added to a run's name: the seed (runs differing only in their
+#: seed are one experiment, pooled by ``prunekit report``), the name itself, and the keys
+#: left out of the run folder's hash.
+NOT_IN_NAME = ("seed", "name", *UNHASHED_KEYS)
+
+#: Seconds a stopped child gets to exit after SIGTERM before it is killed.
+STOP_GRACE_S = 10.0
+
+CLUSTERS = ("slurm", "local")
+
+#: The command line of a child process, before ``spec.argv(threads)``: a serial run's.
+CHILD = (sys.executable, "-m", "prunekit.experiments.cli")
+
+
+def register_command(command: str, schema: type) -> None:
+    """Let ``prunekit <command> CONFIG... [key=value ...]`` run many runs (its parser gets
+    the options through :func:`add_arguments`).
+
+    >>> register_command("run", GradualConfig)  # already there: no change
+    >>> register_command("run", LotteryConfig)
+    Traceback (most recent call last):
+    ValueError: command='run' is already registered with GradualConfig
+    """
+    if COMMANDS.get(command, schema) is not schema:
+        raise ValueError(
+            f"command={command!r} is already registered with {COMMANDS[command].__name__}"
+        )
+    COMMANDS[command] = schema
+
+
+def add_arguments(cmd: Any) -> None:
+    """The options of many runs, on a subcommand's ``argparse`` parser."""
+    cmd.add_argument(
+        "--jobs",
+        default=None,
+        metavar="N",
+        help="run up to N runs at a time on this machine, each in its own process with "
+        "--threads torch threads (default 1: one after another)",
+    )
+    cmd.add_argument(
+        "--cluster",
+        default=None,
+        choices=CLUSTERS,
+        help="submit one job per run with submitit: slurm, or local (submitit's local "
+        "executor: every job at once on this machine, to try the cluster path)",
+    )
+    cmd.add_argument("--partition", default=None, help="--cluster slurm: the SLURM partition")
+    cmd.add_argument(
+        "--time", default=None, metavar="MIN", help="--cluster: job time limit, minutes"
+    )
+    cmd.add_argument(
+        "--cpus-per-task",
+        default=None,
+        metavar="N",
+        help="--cluster: CPUs per job (default --threads)",
+    )
+    cmd.add_argument("--mem-gb", default=None, metavar="GB", help="--cluster: memory per job")
+    cmd.add_argument("--gpus-per-node", default=None, metavar="N", help="--cluster: GPUs per job")
+    cmd.add_argument(
+        "--cluster-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--cluster: any other submitit parameter, e.g. slurm_account=abc (repeatable)",
+    )
+    cmd.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="--cluster: submit, print the job ids and return without waiting",
+    )
+
+
+# ------------------------------------------------------------------------ sweeps
+def split_values(override: str) -> tuple[str, list[str]]:
+    """``key=v1,v2,...`` as ``(key, [v1, v2, ...])``, splitting only at top-level commas
+    (not inside ``[]``, ``{}``, ``()`` or quotes).
+
+    >>> split_values("seed=0,1,2")
+    ('seed', ['0', '1', '2'])
+    >>> split_values("controls=[random_reinit,random_prune]")
+    ('controls', ['[random_reinit,random_prune]'])
+    >>> split_values("data.root='/a,b',/c")
+    ('data.root', ["'/a,b'", '/c'])
+    >>> split_values("seed=")
+    Traceback (most recent call last):
+    prunekit.experiments.config.ConfigError: override 'seed=' has no value (write seed=null for null)
+    """
+    key, eq, text = override.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key=value")
+    values, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    if quote or depth != 0:
+        raise ConfigError(f"override {override!r} has an unclosed quote or bracket")
+    if len(values) == 1 and not values[0].strip():
+        raise ConfigError(f"override {override!r} has no value (write {key}=null for null)")
+    empty = [i + 1 for i, v in enumerate(values) if not v.strip()]
+    if empty:
+        raise ConfigError(
+            f"override {override!r} sweeps over an empty value (value number "
+            f"{', '.join(map(str, empty))} of {len(values)}); remove the extra comma"
+        )
+    if len(set(values)) != len(values):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        raise ConfigError(f"override {override!r} lists {', '.join(twice)} twice")
+    return key, values
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of many: the command line of a serial run, and where it writes.
+
+    ``swept`` holds the values that tell it apart from the other runs (its config file
+    when there are several, the swept ``key=value`` pairs)."""
+
+    command: str
+    config: str
+    overrides: tuple[str, ...]
+    folder: Path
+    name: str
+    seed: int
+    swept: tuple[str, ...] = ()
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.swept) or self.folder.name
+
+    def argv(self, threads: int) -> list[str]:
+        """The arguments of ``prunekit`` that run it."""
+        return [self.command, self.config, *self.overrides, "--threads", str(threads)]
+
+
+def _suffix(value: str) -> str:
+    kept = "".join(c if c.isalnum() or c in "._-" else "_" for c in value)
+    return kept.strip("_") or "_"
+
+
+def plan(command: str, configs: Sequence[str], overrides: Sequence[str]) -> list[RunSpec]:
+    """Every run of ``configs`` × the product of the swept override values, each config
+    loaded and validated (:func:`load_config`), checked to have a folder of its own and a
+    name that ``prunekit report`` will not pool with another experiment. Raises
+    :class:`ConfigError` naming the run and the problem; nothing is written.
+
+    >>> runs = plan("run", ["experiments/configs/quick_gradual.yaml"],
+    ...             ["seed=0,1", "pruning.method=magnitude,random"])
+    >>> [(r.name, r.seed) for r in runs]  # doctest: +NORMALIZE_WHITESPACE
+    [('quick-gradual_pruning.method-magnitude', 0), ('quick-gradual_pruning.method-random', 0),
+     ('quick-gradual_pruning.method-magnitude', 1), ('quick-gradual_pruning.method-random', 1)]
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"command={command!r} is not one of {sorted(COMMANDS)}")
+    schema = COMMANDS[command]
+    axes: dict[str, list[str]] = {}
+    for override in overrides:  # a key given twice: the last one counts, as in a single run
+        key, values = split_values(override)
+        axes.pop(key, None)
+        axes[key] = values
+    keys = list(axes)
+    swept = [k for k, values in axes.items() if len(values) > 1]
+    in_name = [k for k in swept if k not in NOT_IN_NAME]
+    specs: list[RunSpec] = []
+    combos = list(itertools.product(*axes.values()))
+    total = len(configs) * len(combos)
+    for config in configs:
+        for combo in combos:
+            items = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+            chosen = dict(zip(keys, combo, strict=True))
+            tags = ([config] if len(configs) > 1 else []) + [f"{k}={chosen[k]}" for k in swept]
+            where = f"run {len(specs) + 1} of {total}" + (f" ({' '.join(tags)})" if tags else "")
+            try:
+                cfg = load_config(schema, config, items)
+                if in_name:
+                    suffix = "_".join(f"{k}-{_suffix(chosen[k])}" for k in in_name)
+                    items.append(f"name={cfg.name}_{suffix}")
+                    cfg = load_config(schema, config, items)
+                folder = RunPaths.for_config(cfg).root
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            specs.append(
+                RunSpec(
+                    command=command,
+                    config=config,
+                    overrides=tuple(items),
+                    folder=folder,
+                    name=str(cfg.name),
+                    seed=int(cfg.seed),
+                    swept=tuple(tags),
+                    resolved=_plain(cfg),
+                )
+            )
+    _check_distinct(specs)
+    return specs
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    return plain
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d
+            for k in sorted(a.keys() | b.keys())
+            for d in _differing(a.get(k), b.get(k), f"{prefix}{k}.")
+        ]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _check_distinct(specs: Sequence[RunSpec]) -> None:
+    """Two runs never share a run folder; two runs sharing a name differ in their seed
+    and in nothing else that counts (``prunekit report`` pools them as seeds)."""
+    by_folder: dict[Path, RunSpec] = {}
+    for spec in specs:
+        key = spec.folder.resolve()
+        if key in by_folder:
+            other = by_folder[key]
+            raise ConfigError(
+                f"runs '{other.label}' and '{spec.label}' resolve to the same run folder "
+                f"{spec.folder} (one process per run folder; out_dir, rounds and "
+                "checkpoint_every are not part of a run folder's identity): sweep values that "
+                "change the run, or run them one after the other"
+            )
+        by_folder[key] = spec
+    ignored = ("seed", *UNHASHED_KEYS)
+    for a, b in itertools.combinations(specs, 2):
+        if (a.command, a.name) != (b.command, b.name):
+            continue
+        differ = [k for k in _differing(a.resolved, b.resolved) if k.split(".")[0] not in ignored]
+        if differ:
+            raise ConfigError(
+                f"runs '{a.label}' and '{b.label}' share name={a.name!r} but differ in "
+                f"{', '.join(differ)}: prunekit report would pool them as seeds of one "
+                "experiment; give them different names"
+            )
+        if a.seed == b.seed:
+            raise ConfigError(
+                f"runs '{a.label}' and '{b.label}' are the same experiment "
+                f"(name={a.name!r}, seed={a.seed}) in two folders, {a.folder} and {b.folder}"
+            )
+
+
+def _probe_unlocked(folder: Path) -> None:
+    """Raise if another process holds the run folder's lock now (the run would refuse)."""
+    lock = RunPaths(folder).lock
+    if fcntl is None or not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read_text(errors="replace").strip() or "another process"
+            raise RunFolderError(
+                f"the run folder {folder} is in use by {holder}: one process per run folder"
+            ) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------ options
+def positive_int(option: str, text: object) -> int:
+    """``text`` as a whole number >= 1, else :class:`ConfigError` naming the option.
+
+    >>> positive_int("--jobs", "4")
+    4
+    >>> positive_int("--jobs", "abc")
+    Traceback (most recent call last):
+    prunekit.experiments.config.ConfigError: --jobs='abc' must be a whole number >= 1
+    """
+    try:
+        value = int(str(text), 10)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != str(text).strip().lstrip("+"):
+        raise ConfigError(f"{option}={text!r} must be a whole number >= 1")
+    return value
+
+
+def positive_number(option: str, text: object) -> float:
+    """``text`` as a number > 0, else :class:`ConfigError` naming the option."""
+    try:
+        value = float(str(text))
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{option}={text!r} must be a number > 0")
+    return value
+
+
+def cluster_parameters(args: Any) -> dict[str, Any]:
+    """submitit parameters from the ``--cluster`` options (checked; none set is left out).
+
+    >>> from argparse import Namespace
+    >>> cluster_parameters(Namespace(cluster="slurm", partition="gpu", time="90", threads=2,
+    ...     cpus_per_task=None, mem_gb=None, gpus_per_node=None,
+    ...     cluster_option=["slurm_account=lab"]))
+    {'timeout_min': 90, 'cpus_per_task': 2, 'slurm_partition': 'gpu', 'slurm_account': 'lab'}
+    """
+    params: dict[str, Any] = {}
+    if args.time is not None:
+        params["timeout_min"] = positive_int("--time", args.time)
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else args.threads
+    params["cpus_per_task"] = positive_int("--cpus-per-task", cpus)
+    if args.mem_gb is not None:
+        params["mem_gb"] = positive_number("--mem-gb", args.mem_gb)
+    if args.gpus_per_node is not None:
+        params["gpus_per_node"] = positive_int("--gpus-per-node", args.gpus_per_node)
+    if args.partition is not None:
+        if not str(args.partition).strip():
+            raise ConfigError(f"--partition={args.partition!r} must name a partition")
+        params["slurm_partition"] = str(args.partition)
+    for item in args.cluster_option:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"--cluster-option {item!r} must look like KEY=VALUE")
+        if key in params:
+            raise ConfigError(f"--cluster-option {item!r} sets {key} a second time")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+_CLUSTER_ONLY = (
+    ("partition", "--partition"),
+    ("time", "--time"),
+    ("cpus_per_task", "--cpus-per-task"),
+    ("mem_gb", "--mem-gb"),
+    ("gpus_per_node", "--gpus-per-node"),
+)
+
+
+def _check_options(args: Any) -> None:
+    if not isinstance(args.threads, int) or args.threads < 1:
+        raise ConfigError(f"--threads={args.threads} must be >= 1")
+    if args.jobs is not None:
+        positive_int("--jobs", args.jobs)
+        if args.cluster is not None:
+            raise ConfigError(
+                f"--jobs={args.jobs!r} is for this machine; with --cluster={args.cluster} "
+                "every run is its own job (leave out --jobs)"
+            )
+    if args.cluster is None:
+        given = [flag for attr, flag in _CLUSTER_ONLY if getattr(args, attr) is not None]
+        given += ["--cluster-option"] * bool(args.cluster_option) + ["--no-wait"] * args.no_wait
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --cluster slurm|local")
+
+
+# ------------------------------------------------------------------------ entry point
+def configs_and_overrides(args: Any) -> tuple[list[str], list[str]]:
+    """The positionals: config files up to the first ``key=value``, then overrides."""
+    rest = list(args.overrides)
+    configs = [args.config]
+    while rest and "=" not in rest[0]:
+        configs.append(rest.pop(0))
+    stray = [item for item in rest if "=" not in item]
+    if stray:
+        raise ConfigError(
+            f"{stray[0]!r} follows a key=value override: config files come first "
+            "(prunekit run A.yaml B.yaml key=value ...)"
+        )
+    return configs, rest
+
+
+def main(args: Any, out: TextIO | None = None) -> int | None:
+    """``prunekit run|lottery`` with several runs, ``--jobs`` or ``--cluster``: plan and
+    check every run, then run them; the exit status. None when the arguments name one
+    run to run here, in this process, as a serial run does (checked the same way)."""
+    out = out or sys.stdout
+    _check_options(args)
+    configs, overrides = configs_and_overrides(args)
+    specs = plan(args.command, configs, overrides)
+    if args.print_config:
+        from prunekit.experiments import report
+
+        for spec in specs:
+            cfg = load_config(COMMANDS[args.command], spec.config, list(spec.overrides))
+            if len(specs) > 1:
+                print(f"# {spec.label} -> {spec.folder}", file=out)
+            print(report.config_help(COMMANDS[args.command], cfg), file=out)
+        return 0
+    if len(specs) == 1 and args.cluster is None:
+        return None
+    for spec in specs:
+        _probe_unlocked(spec.folder)
+    threads = int(args.threads)
+    if args.cluster is not None:
+        outcomes = run_cluster(
+            specs, args.cluster, threads, cluster_parameters(args), not args.no_wait, out
+        )
+    else:
+        jobs = positive_int("--jobs", args.jobs or 1)
+        tasks = [
+            Task(
+                spec.label,
+                [*CHILD, *spec.argv(threads)],
+                RunPaths(spec.folder).job_log,
+                {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+            )
+            for spec in specs
+        ]
+        cores = os.cpu_count() or 1
+        print(
+            f"prunekit {args.command}: {len(specs)} runs, {min(jobs, len(specs))} at a time, "
+            f"{threads} torch thread(s) each ({cores} CPU cores here); each run's output "
+            "goes to <run folder>/job.log",
+            file=out,
+            flush=True,
+        )
+        if jobs * threads > cores:
+            print(
+                f"note: --jobs {jobs} x --threads {threads} > {cores} cores: runs will "
+                "compete for the cores",
+                file=out,
+                flush=True,
+            )
+        outcomes = run_tasks(tasks, jobs, out)
+        for spec, outcome in zip(specs, outcomes, strict=True):
+            outcome.folder = spec.folder
+    return _finish(args.command, specs, outcomes, out)
+
+
+def _finish(
+    command: str, specs: Sequence[RunSpec], outcomes: Sequence[Outcome], out: TextIO
+) -> int:
+    print("\n" + outcome_table(outcomes), file=out, flush=True)
+    done = [o.folder for o in outcomes if o.status == "finished" and o.folder is not None]
+    if done and all(o.status in ("finished", "submitted") for o in outcomes) and len(done) > 1:
+        from prunekit.experiments import report
+
+        try:
+            print("\n" + report.compare([str(f) for f in done]), file=out, flush=True)
+        except (ValueError, KeyError, OSError, RunFolderError) as e:
+            print(f"\n(prunekit report over the run folders failed: {e})", file=out)
+    folders = " ".join(str(s.folder) for s in specs)
+    print(f"\ncompare them: prunekit report {folders}", file=out, flush=True)
+    bad = [o for o in outcomes if o.status not in ("finished", "submitted")]
+    if not bad:
+        return 0
+    stopped = any(o.status in ("stopped", "not started", "cancelled") for o in outcomes)
+    names = "; ".join(f"{o.label} ({o.status}{f', log: {o.log}' if o.log else ''})" for o in bad)
+    print(
+        f"prunekit {command}: {len(bad)} of {len(outcomes)} runs did not finish: {names}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 130 if stopped and not any(o.status.startswith("failed") for o in outcomes) else 1
+
+
+# ------------------------------------------------------------------------ local processes
+@dataclass
+class Task:
+    """A child process: its label, command line, log file and extra environment."""
+
+    label: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What became of one run: ``finished``, ``failed (...)``, ``stopped``, ``not
+    started``, ``submitted`` (``--no-wait``) or ``cancelled``."""
+
+    label: str
+    status: str = "not started"
+    seconds: float | None = None
+    log: Path | None = None
+    folder: Path | None = None
+    job_id: str | None = None
+
+
+def outcome_table(outcomes: Sequence[Outcome]) -> str:
+    """The final table of many runs.
+
+    >>> print(outcome_table([Outcome("seed=0", "finished", 12.34, folder=Path("runs/x"))]))
+    #  run     status    time (s)  run folder
+    -  ------  --------  --------  ----------
+    1  seed=0  finished  12.3      runs/x
+    """
+    from prunekit.experiments.report import table
+
+    with_ids = any(o.job_id for o in outcomes)
+    headers = ["#", "run", "status", "time (s)", "run folder", *(["job id"] if with_ids else [])]
+    rows = [
+        [
+            i,
+            o.label,
+            o.status,
+            None if o.seconds is None else f"{o.seconds:.1f}",
+            o.folder,
+            *([o.job_id] if with_ids else []),
+        ]
+        for i, o in enumerate(outcomes, 1)
+    ]
+    return table(headers, rows)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While running children, a SIGTERM to this process stops them as Ctrl-C does."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def run_tasks(
+    tasks: Sequence[Task], jobs: int, out: TextIO | None = None, poll_s: float = 0.05
+) -> list[Outcome]:
+    """Run ``tasks`` as child processes, at most ``jobs`` at a time, in order. A failing
+    task does not stop the others. Ctrl-C (or SIGTERM) stops the running children (SIGTERM
+    to each child's process group, SIGKILL after ``STOP_GRACE_S``) and starts no more.
+    Each child's stdout and stderr are appended to its ``log``.
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "job.log"
+    >>> ok = Task("ok", [sys.executable, "-c", "print('hi')"], log)
+    >>> bad = Task("bad", [sys.executable, "-c", "raise SystemExit(3)"], log)
+    >>> [o.status for o in run_tasks([ok, bad], jobs=2, out=open(os.devnull, "w"))]
+    ['finished', 'failed (exit 3)']
+    """
+    jobs = positive_int("jobs", jobs)
+    out = out or sys.stdout
+    outcomes = [Outcome(t.label, log=t.log) for t in tasks]
+    running: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    n = len(tasks)
+    pending = list(range(n))
+
+    def say(i: int, text: str) -> None:
+        print(f"[{i + 1}/{n}] {text}", file=out, flush=True)
+
+    with _sigterm_as_interrupt():
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i = pending.pop(0)
+                    running[i] = (_start(tasks[i]), time.monotonic())
+                    outcomes[i].status = "running"
+                    say(
+                        i,
+                        f"started   {tasks[i].label}  (pid {running[i][0].pid}, log {tasks[i].log})",
+                    )
+                for i, (proc, started) in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    del running[i]
+                    outcomes[i].seconds = time.monotonic() - started
+                    if code == 0:
+                        outcomes[i].status = "finished"
+                        say(i, f"finished  {tasks[i].label}  ({outcomes[i].seconds:.1f} s)")
+                    else:
+                        outcomes[i].status = f"failed (exit {code})"
+                        say(
+                            i,
+                            f"FAILED    {tasks[i].label}  (exit {code} after "
+                            f"{outcomes[i].seconds:.1f} s); last lines of {tasks[i].log}:\n"
+                            + _tail(tasks[i].log),
+                        )
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted: stopping {len(running)} running run(s), starting none of the "
+                f"{len(pending)} left",
+                file=out,
+                flush=True,
+            )
+            _stop([proc for proc, _ in running.values()])
+            for i, (_, started) in running.items():
+                outcomes[i].status = "stopped"
+                outcomes[i].seconds = time.monotonic() - started
+                say(i, f"stopped   {tasks[i].label}")
+    return outcomes
+
+
+def _start(task: Task) -> subprocess.Popen[bytes]:
+    task.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(task.log, "ab") as log:  # appended: a log of an earlier try stays
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        log.write(f"\n=== {now}: {' '.join(task.argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            task.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **task.env},
+            start_new_session=True,  # a terminal's Ctrl-C reaches this process, which stops them
+        )
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ------------------------------------------------------------------------ cluster
+def run_command(argv: list[str], cwd: str) -> None:
+    """The body of one cluster job: ``prunekit *argv`` in this process, from ``cwd``
+    (the submitting folder, so relative paths mean what they meant there). A run that
+    fails raises ``RuntimeError``, so the job fails."""
+    from prunekit.experiments import cli
+
+    os.chdir(cwd)
+    code = cli.main(argv)
+    if code != 0:
+        raise RuntimeError(f"prunekit {' '.join(argv)} exited with status {code}")
+
+
+def _executor(cluster: str, folder: Path, params: dict[str, Any], name: str) -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError(
+            f"--cluster {cluster} needs submitit: pip install 'prunekit[cluster]'"
+        ) from None
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor.update_parameters(name=name, **params)
+    except (NameError, AssertionError, TypeError, ValueError) as e:
+        raise ConfigError(f"--cluster {cluster} options {params}: {e}") from None
+    return executor
+
+
+def run_cluster(
+    specs: Sequence[RunSpec],
+    cluster: str,
+    threads: int,
+    params: dict[str, Any],
+    wait: bool = True,
+    out: TextIO | None = None,
+    poll_s: float | None = None,
+) -> list[Outcome]:
+    """Submit one submitit job per run (folder of submitit's files: ``<run
+    folder>/cluster``), print the job ids, and unless ``wait`` is False wait for them,
+    printing each as it ends. Ctrl-C while waiting cancels the jobs not yet done."""
+    out = out or sys.stdout
+    if cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster={cluster!r} is not one of {CLUSTERS}")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "--cluster slurm: sbatch is not on PATH (submit from a SLURM login node; "
+            "--cluster local tries the same path on this machine)"
+        )
+    with tempfile.TemporaryDirectory() as scratch:  # options checked before any is submitted
+        _executor(cluster, Path(scratch), params, "check")
+    cwd = os.getcwd()
+    outcomes = [Outcome(s.label, folder=s.folder) for s in specs]
+    n = len(specs)
+    submitted: list[Any] = []
+    for i, spec in enumerate(specs):
+        executor = _executor(cluster, RunPaths(spec.folder).cluster_logs, params, spec.folder.name)
+        job = executor.submit(run_command, spec.argv(threads), cwd)
+        submitted.append(job)
+        outcomes[i].job_id = str(job.job_id)
+        outcomes[i].status = "submitted"
+        outcomes[i].log = Path(job.paths.stdout)
+        print(
+            f"[{i + 1}/{n}] submitted {spec.label}  job {job.job_id}  -> {spec.folder}",
+            file=out,
+            flush=True,
+        )
+    if not wait:
+        return outcomes
+    started = time.monotonic()
+    poll = poll_s if poll_s is not None else (0.5 if cluster == "local" else 15.0)
+    left = set(range(n))
+    try:
+        while left:
+            for i in sorted(left):
+                job = submitted[i]
+                if not job.done():
+                    continue
+                left.discard(i)
+                outcomes[i].seconds = time.monotonic() - started
+                error = job.exception()
+                if error is None:
+                    outcomes[i].status = "finished"
+                    print(
+                        f"[{i + 1}/{n}] finished  {specs[i].label}  job {job.job_id}",
+                        file=out,
+                        flush=True,
+                    )
+                else:
+                    outcomes[i].status = f"failed (job {job.state})"
+                    reason = str(error).strip().splitlines()
+                    print(
+                        f"[{i + 1}/{n}] FAILED    {specs[i].label}  job {job.job_id}: "
+                        f"{reason[-1] if reason else type(error).__name__}; log "
+                        f"{job.paths.stderr}",
+                        file=out,
+                        flush=True,
+                    )
+            if left:
+                time.sleep(poll)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: cancelling {len(left)} job(s)", file=out, flush=True)
+        for i in left:
+            with contextlib.suppress(Exception):
+                submitted[i].cancel(check=False)
+            outcomes[i].status = "cancelled"
+    return outcomes
