@@ -139,7 +139,13 @@ class OneShotConfig(ExperimentConfig):
 
     dense: DenseConfig = field(default_factory=DenseConfig)
     methods: list[str] = _help(
-        ["magnitude", "wanda", "taylor"], "pruning methods compared (registered names)"
+        ["magnitude", "wanda", "taylor"],
+        "pruning methods compared: registered names, or labels defined in variants",
+    )
+    variants: dict[str, dict[str, Any]] = _help(
+        {},
+        "labelled method settings, e.g. {wanda_row: {method: wanda, per_output: true, "
+        "scope: layer}}: the method, its options and optionally the one scope it runs in",
     )
     scopes: list[str] = _help(["global", "layer"], "scopes compared: global and/or layer")
     sparsities: list[float] = _help(
@@ -426,13 +432,23 @@ def _check_oneshot(cfg: DictConfig) -> None:
         check(0.0 <= s < 1.0, "sparsities", s, "must be in [0, 1)")
     for scope in cfg.scopes:
         check(scope in ("global", "layer"), "scopes", scope, "must be global or layer")
+    variants = OmegaConf.to_container(cfg.variants, resolve=True)
+    for label, spec in variants.items():
+        check(label in cfg.methods, f"variants.{label}", spec, "is not listed in methods")
+        check("method" in spec, f"variants.{label}", spec, "needs a method")
+        scope = spec.get("scope", cfg.scopes[0])
+        check(scope in cfg.scopes, f"variants.{label}.scope", scope, f"is not in {list(cfg.scopes)}")
     try:
         with torch.random.fork_rng(devices=[]):
             data = OmegaConf.to_container(cfg.data, resolve=True)
             shape, classes = data_shape(datamodule_from_config(data, cfg.seed))
             model = build_model(cfg.model, num_classes=classes, input_shape=shape)
-            for method in cfg.methods:
-                for scope in cfg.scopes:
-                    Pruner(model, method=method, scope=scope, exclude=list(cfg.exclude)).remove()
+            for label in cfg.methods:
+                spec = dict(variants.get(label, {"method": label}))
+                method, only = spec.pop("method"), spec.pop("scope", None)
+                for scope in cfg.scopes if only is None else [only]:
+                    Pruner(
+                        model, method=method, scope=scope, exclude=list(cfg.exclude), **spec
+                    ).remove()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"methods/scopes/exclude: {e}") from None
+        raise ConfigError(f"methods/variants/scopes/exclude: {e}") from None

@@ -21,13 +21,13 @@ import argparse
 import csv
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from prunekit.experiments import paths as P
 from prunekit.experiments import report
 from prunekit.experiments.config import ConfigError, OneShotConfig, load_config
@@ -68,9 +68,12 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
 
     The summary (``summary.json``): ``kind`` ("oneshot"), ``name``, ``config_hash``,
     ``seed``, ``model``, ``dense_test_acc``, ``dense_test_loss``, ``calibration_batches``
-    and ``calibration_samples``, ``results`` (one record per method, scope and target
-    sparsity, with the keys of :data:`COLUMNS`: ``sparsity`` is the measured fraction of
-    zeros among the targeted weights) and ``wall_s``.
+    and ``calibration_samples``, ``results`` (one record per method label, scope and
+    target sparsity, with the keys of :data:`COLUMNS` and the method's ``options``:
+    ``method`` is the label of ``methods`` and ``pruner_method`` the registered method it
+    runs, ``sparsity`` the measured fraction of zeros
+    among the targeted weights) and ``wall_s``. A ``variants`` label with a ``scope``
+    runs in that scope only.
     """
     paths = P.RunPaths.for_config(cfg)
     if paths.summary.is_file():
@@ -124,7 +127,12 @@ def _run(
             f"only {len(batches)} batches"
         )
     results = []
-    for scope, method, sparsity in itertools.product(cfg.scopes, cfg.methods, cfg.sparsities):
+    variants = OmegaConf.to_container(cfg.variants, resolve=True)
+    for scope, label, sparsity in itertools.product(cfg.scopes, cfg.methods, cfg.sparsities):
+        options = dict(variants.get(label, {"method": label}))
+        method, only = options.pop("method"), options.pop("scope", None)
+        if only is not None and only != scope:
+            continue
         net.load_state_dict(dense)
         record = prune_once(
             net,
@@ -134,7 +142,9 @@ def _run(
             batches=batches,
             seed=cfg.seed,
             exclude=list(cfg.exclude),
+            options=options,
         )
+        record["pruner_method"], record["method"] = method, label
         record["test_loss"], record["test_acc"] = evaluate(net, test_loader)
         progress(
             f"{scope:6} {method:10} {sparsity:.2f}: sparsity {record['sparsity']:.4f} "
@@ -169,10 +179,12 @@ def prune_once(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     seed: int = 0,
     exclude: Sequence[str] = (),
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place to ``sparsity`` in one call (data-aware methods calibrate
-    on ``batches`` of ``(inputs, labels)`` first, with cross-entropy as the loss); the
-    pruning is made permanent. Returns ``method``, ``scope``, ``target_sparsity``,
+    on ``batches`` of ``(inputs, labels)`` first, with cross-entropy as the loss;
+    ``options`` go to the method); the pruning is made permanent. Returns ``method``,
+    ``options``, ``scope``, ``target_sparsity``,
     ``sparsity`` (zeros among the targeted weights, counted on the weights themselves),
     ``calibration_s`` and ``prune_s``.
 
@@ -180,7 +192,8 @@ def prune_once(
     >>> prune_once(net, method="magnitude", scope="global", sparsity=0.5)["sparsity"]
     0.5
     """
-    pruner = Pruner(model, method=method, scope=scope, seed=seed, exclude=list(exclude))
+    options = dict(options or {})
+    pruner = Pruner(model, method=method, scope=scope, seed=seed, exclude=list(exclude), **options)
     try:
         calibration_s = 0.0
         if method not in DATA_FREE:
@@ -200,6 +213,7 @@ def prune_once(
     total = sum(weights[n].numel() for n in names)
     return {
         "method": method,
+        "options": options,
         "scope": scope,
         "target_sparsity": sparsity,
         "sparsity": zeros / total,
