@@ -239,6 +239,7 @@ def plan(command: str, configs: Sequence[str], overrides: Sequence[str]) -> list
             chosen = dict(zip(keys, combo, strict=True))
             tags = ([config] if len(configs) > 1 else []) + [f"{k}={chosen[k]}" for k in swept]
             where = f"run {len(specs) + 1} of {total}" + (f" ({' '.join(tags)})" if tags else "")
+            where = f"{where}: " if total > 1 else ""
             try:
                 cfg = load_config(schema, config, items)
                 if in_name:
@@ -247,7 +248,7 @@ def plan(command: str, configs: Sequence[str], overrides: Sequence[str]) -> list
                     cfg = load_config(schema, config, items)
                 folder = RunPaths.for_config(cfg).root
             except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+                raise ConfigError(f"{where}{e}") from None
             specs.append(
                 RunSpec(
                     command=command,
@@ -421,13 +422,23 @@ def _check_options(args: Any) -> None:
 
 
 # ------------------------------------------------------------------------ entry point
+def _is_config_file(item: str) -> bool:
+    return "=" not in item and (item.endswith((".yaml", ".yml")) or Path(item).is_file())
+
+
 def configs_and_overrides(args: Any) -> tuple[list[str], list[str]]:
-    """The positionals: config files up to the first ``key=value``, then overrides."""
+    """The positionals: config files (``*.yaml``, ``*.yml`` or existing files) up to the
+    first other item, then ``key=value`` overrides.
+
+    >>> from argparse import Namespace
+    >>> configs_and_overrides(Namespace(config="a.yaml", overrides=["b.yml", "seed=0,1"]))
+    (['a.yaml', 'b.yml'], ['seed=0,1'])
+    """
     rest = list(args.overrides)
     configs = [args.config]
-    while rest and "=" not in rest[0]:
+    while rest and _is_config_file(rest[0]):
         configs.append(rest.pop(0))
-    stray = [item for item in rest if "=" not in item]
+    stray = [item for item in rest if _is_config_file(item)]
     if stray:
         raise ConfigError(
             f"{stray[0]!r} follows a key=value override: config files come first "
