@@ -17,6 +17,7 @@ from prunekit._compact import (
 from prunekit._groups import DependencyGraph, Group, UnsupportedModelError
 from prunekit._loop import SparsityScheduler
 from prunekit._masks import (
+    Method,
     get_method,
     global_magnitude_masks,
     list_methods,
@@ -28,6 +29,14 @@ from prunekit._masks import (
     random_mask,
     random_structured_mask,
     register_method,
+)
+from prunekit._methods import (
+    activation_based_mask,
+    activation_mask,
+    movement_mask,
+    snip_mask,
+    taylor_mask,
+    wanda_mask,
 )
 from prunekit._pruner import DEFAULT_MODULE_TYPES, SCOPES, Pruner, Targets
 from prunekit._report import SparsityReport, TargetSparsity
@@ -47,6 +56,7 @@ __all__ = [
     "CompactionReport",
     "DependencyGraph",
     "Group",
+    "Method",
     "ModelCost",
     "PrunedAttention",
     "Pruner",
@@ -55,6 +65,8 @@ __all__ = [
     "TargetSparsity",
     "Targets",
     "UnsupportedModelError",
+    "activation_based_mask",
+    "activation_mask",
     "compact",
     "compaction_report",
     "compress_state_dict",
@@ -66,6 +78,7 @@ __all__ = [
     "load_sparse",
     "magnitude_mask",
     "model_cost",
+    "movement_mask",
     "nm_mask",
     "pack_mask",
     "prune",
@@ -74,6 +87,9 @@ __all__ = [
     "random_structured_mask",
     "register_method",
     "save_sparse",
+    "snip_mask",
+    "taylor_mask",
     "to_semi_structured",
     "unpack_mask",
+    "wanda_mask",
 ]

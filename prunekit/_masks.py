@@ -8,6 +8,7 @@ toward the amount; the count is exact, ties broken by position (lower index prun
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,12 +31,115 @@ from prunekit._validate import (
 )
 
 MaskFn = Callable[..., Tensor]
-_METHODS: dict[str, MaskFn] = {}
-UNSTRUCTURED = frozenset({"magnitude", "random"})
+ScoreFn = Callable[..., Tensor]
+#: What a method ranks: single entries (ranked globally across targets, or per tensor),
+#: whole slices along ``dim`` (per tensor), or nothing (it computes a mask directly).
+RANKS = ("entries", "slices", "mask")
+#: Statistics the engine can collect for a method (see ``prunekit._stats``).
+STATISTICS = ("inputs", "grads", "outputs")
+# Arguments the engine supplies to a mask function (never user options).
+ENGINE_ARGS = frozenset({"t", "amount", "mask", "scores", "generator"})
 
 
-def register_method(name: str) -> Callable[[MaskFn], MaskFn]:
-    """Register a mask function ``fn(t, amount, **kw) -> bool mask`` under ``name``.
+class Method:
+    """A pruning method: what it ranks, the statistics it needs, its scores and checks.
+
+    ``fn(t, amount, *, mask=None, **options) -> bool mask`` is its tensor-level function
+    (what :func:`prune` and :func:`get_method` callers use; the object itself calls it).
+    ``ranks`` says what the engine ranks: ``"entries"`` (one score per weight, ranked
+    globally across targets or per tensor), ``"slices"`` (one score per slice along
+    ``dim``, ranked per tensor) or ``"mask"`` (``fn`` decides the mask, per tensor).
+    ``needs`` lists the statistics the engine collects for it (``STATISTICS``: input
+    activation norms, summed weight x gradient, output activity) and ``score(weight,
+    stats, **options)`` turns the weight and those statistics into scores (higher = kept;
+    ``None``: the engine ranks ``|weight|`` for entries, or ``fn`` scores slices itself).
+    ``fed`` names ``fn``'s tensor arguments that the engine fills from statistics (not
+    options); ``check(weight, options, where)`` validates options per target;
+    ``keeps_stats(options)`` is True when statistics survive an update (movement);
+    ``per_row(options)`` is True when entries compete only within their output row;
+    ``random`` methods get a seeded ``generator``; a ``pattern`` (N:M) fixes the sparsity
+    itself (any amount above 0 applies it); ``memory`` states the statistics' memory.
+
+    >>> m = Method("half_demo", lambda t, amount, *, mask=None: t.abs() > t.abs().median())
+    >>> m.ranks, m.needs, sorted(m.options)
+    ('mask', (), [])
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: MaskFn,
+        *,
+        ranks: str = "mask",
+        needs: Iterable[str] = (),
+        score: ScoreFn | None = None,
+        fed: Iterable[str] = (),
+        check: Callable[[Tensor, Mapping[str, Any], str], None] | None = None,
+        keeps_stats: Callable[[Mapping[str, Any]], bool] | None = None,
+        per_row: Callable[[Mapping[str, Any]], bool] | None = None,
+        random: bool = False,
+        pattern: bool = False,
+        memory: str = "",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name={name!r} must be a non-empty str")
+        if not callable(fn):
+            raise TypeError(f"method {name!r}: fn={fn!r} must be callable")
+        if ranks not in RANKS:
+            raise ValueError(f"method {name!r}: ranks={ranks!r} must be one of {RANKS}")
+        needs = tuple(needs)
+        for stat in needs:
+            if stat not in STATISTICS:
+                raise ValueError(
+                    f"method {name!r}: needs statistic {stat!r}{suggest(str(stat), STATISTICS)}; "
+                    f"the engine collects {list(STATISTICS)}"
+                )
+        if needs and score is None:
+            raise ValueError(f"method {name!r} needs statistics {list(needs)} but has no score")
+        self.name, self.fn, self.ranks, self.needs = name, fn, ranks, needs
+        self.score, self.fed, self.check, self.random = score, frozenset(fed), check, random
+        self.memory, self.pattern = memory, pattern
+        self._keeps_stats, self._per_row = keeps_stats, per_row
+        self.__signature__ = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        params = self.__signature__.parameters
+        self.options = (
+            frozenset(params)
+            - ENGINE_ARGS
+            - self.fed
+            - {n for n, p in params.items() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        )
+
+    def __call__(self, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.fn(t, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r}, ranks={self.ranks!r}, needs={list(self.needs)})"
+
+    def keeps_stats(self, options: Mapping[str, Any]) -> bool:
+        """Whether the statistics survive an update (True for movement by default)."""
+        return bool(self._keeps_stats and self._keeps_stats(options))
+
+    def per_row(self, options: Mapping[str, Any]) -> bool:
+        """Whether entries are compared only within their row (dim 0) of the weight."""
+        return bool(self._per_row and self._per_row(options))
+
+    def ranks_globally(self, options: Mapping[str, Any]) -> bool:
+        """Whether one ranking across several targets is meaningful for these options."""
+        return self.ranks == "entries" and not self.per_row(options)
+
+    def accepts_mask(self) -> bool:
+        params = self.__signature__.parameters
+        return "mask" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[MaskFn | Method], MaskFn | Method]:
+    """Register a pruning method under ``name``: a plain mask function
+    ``fn(t, amount, **kw) -> bool mask`` (ranked per tensor; its result is intersected
+    with the current mask, so it can never regrow weights) or a :class:`Method`.
 
     >>> @register_method("sign_demo")
     ... def sign_mask(t, amount, **kw):
@@ -44,10 +148,15 @@ def register_method(name: str) -> Callable[[MaskFn], MaskFn]:
     True
     """
 
-    def add(fn: MaskFn) -> MaskFn:
+    def add(fn: MaskFn | Method) -> MaskFn | Method:
         if name in _METHODS:
             raise ValueError(f"a pruning method named {name!r} is already registered")
-        _METHODS[name] = fn
+        if isinstance(fn, Method):
+            if fn.name != name:
+                raise ValueError(f"Method named {fn.name!r} registered as {name!r}; use one name")
+            _METHODS[name] = fn
+        else:
+            _METHODS[name] = Method(name, fn)
         return fn
 
     return add
@@ -62,8 +171,13 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def get_method(name: str) -> MaskFn:
-    """The mask function registered as ``name``; unknown names list the valid ones."""
+def get_method(name: str) -> Method:
+    """The method registered as ``name`` (callable like its mask function); unknown names
+    list the valid ones.
+
+    >>> get_method("magnitude").ranks, get_method("ln_structured").ranks
+    ('entries', 'slices')
+    """
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(
             f"method={name!r} is not a pruning method{suggest(str(name), _METHODS)}; "
@@ -101,7 +215,6 @@ def _prune_entries(
     return new
 
 
-@register_method("magnitude")
 def magnitude_mask(
     t: Tensor, amount: float | int, *, mask: Tensor | None = None, scores: Tensor | None = None
 ) -> Tensor:
@@ -120,7 +233,6 @@ def magnitude_mask(
     return _prune_entries(t, amount, mask, key_source([scores], magnitude=False))
 
 
-@register_method("random")
 def random_mask(
     t: Tensor,
     amount: float | int,
@@ -162,7 +274,6 @@ def _prune_slices(
     return new
 
 
-@register_method("ln_structured")
 def ln_structured_mask(
     t: Tensor,
     amount: float | int,
@@ -200,7 +311,6 @@ def ln_structured_mask(
     return _prune_slices(t, amount, dim, mask, key_source([scores], magnitude=False))
 
 
-@register_method("random_structured")
 def random_structured_mask(
     t: Tensor,
     amount: float | int,
@@ -221,7 +331,6 @@ def random_structured_mask(
     return _prune_slices(t, amount, dim, mask, RandomKeys(_seed(generator)))
 
 
-@register_method("nm")
 def nm_mask(
     t: Tensor, n: int = 2, m: int = 4, *, dim: int = -1, scores: Tensor | None = None
 ) -> Tensor:
@@ -255,6 +364,30 @@ def nm_mask(
     return keep.reshape(moved).movedim(-1, dim).contiguous()
 
 
+def _check_nm(t: Tensor, options: Mapping[str, Any], where: str) -> None:
+    n, m, dim = options.get("n", 2), options.get("m", 4), options.get("dim", -1)
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"n={n!r}, m={m!r} for {where}: need ints with 0 < n <= m")
+    if t.shape[dim] % m:
+        raise ValueError(f"m={m} does not divide size {t.shape[dim]} of dim={dim} of {where}")
+
+
+def _check_ln(t: Tensor, options: Mapping[str, Any], where: str) -> None:
+    if options.get("n", 2) not in (0, 1, 2, math.inf):
+        raise ValueError(f"n={options['n']!r} for {where} must be one of 0, 1, 2, inf")
+
+
+register_method("magnitude")(Method("magnitude", magnitude_mask, ranks="entries"))
+register_method("random")(Method("random", random_mask, ranks="entries", random=True))
+register_method("ln_structured")(
+    Method("ln_structured", ln_structured_mask, ranks="slices", check=_check_ln)
+)
+register_method("random_structured")(
+    Method("random_structured", random_structured_mask, ranks="slices", random=True)
+)
+register_method("nm")(Method("nm", nm_mask, ranks="mask", pattern=True, check=_check_nm))
+
+
 def global_magnitude_masks(
     named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
     amount: float | int,
@@ -282,13 +415,15 @@ def global_magnitude_masks(
     total = sum(t.numel() for t in named.values())
     already = total - sum(int(m.count_nonzero()) for m in new.values())
     k = _extra_count(amount, total, already)
-    select_lowest(key_source(list(named.values()), magnitude=True), list(new.values()), k, list(named))
+    select_lowest(
+        key_source(list(named.values()), magnitude=True), list(new.values()), k, list(named)
+    )
     return new
 
 
 def _mask_for(t: Tensor, method: str, amount: float | int | None, **kwargs: Any) -> Tensor:
     fn = get_method(method)
-    if method == "nm":
+    if fn.pattern:
         return fn(t, **kwargs)
     if amount is None:
         raise TypeError(f"method={method!r} needs an amount")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
-import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -17,12 +15,15 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from prunekit import _methods  # noqa: F401  (registers the data-aware methods)
 from prunekit._distributed import full_mask, like, local, new_mask, structured_mask
-from prunekit._masks import UNSTRUCTURED, get_method, zero_pruned_
+from prunekit._masks import Method, _prune_slices, get_method, list_methods, zero_pruned_
+from prunekit._methods import rank_rows
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._select import KeySource, RandomKeys, count_true
 from prunekit._select_wide import WideKeys, key_source, select_lowest
 from prunekit._state import pack_mask, unpack_mask
+from prunekit._stats import Statistics, TargetStats
 from prunekit._targets import (
     dense_by_default,
     layout_types,
@@ -48,8 +49,6 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
 )
 SCOPES = ("global", "layer")
 _STATE_FORMAT = 1
-# Options a caller may pass for each method (the tensor inputs are supplied by the engine).
-_ENGINE_ARGS = {"t", "amount", "mask", "scores", "generator"}
 
 TargetSpec = str | Mapping[str, Any] | None
 Targets = str | type | Sequence[str | type] | Mapping[str, TargetSpec] | None
@@ -126,10 +125,22 @@ class _Plan:
 
     selections: list[_Selection] = field(default_factory=list)
     masks: dict[str, Tensor] = field(default_factory=dict)  # new masks of structured targets
+    updated: list[str] = field(default_factory=list)  # targets this update brings to an amount
 
 
 def _settings(target: _Target) -> tuple[Any, ...]:
     return target.method, target.options, target.sparsity
+
+
+def _feed(model: nn.Module, batch: Any) -> Any:
+    """``model`` applied to a calibration batch (see :meth:`Pruner.calibrate`)."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, list | tuple):
+        if not batch:
+            raise ValueError("a calibration batch is an empty tuple/list")
+        return model(batch[0])
+    return model(batch)
 
 
 def _is_weight(pname: str) -> bool:
@@ -137,8 +148,7 @@ def _is_weight(pname: str) -> bool:
 
 
 def _method_options(method: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
-    fn = get_method(method)
-    allowed = set(inspect.signature(fn).parameters) - _ENGINE_ARGS
+    allowed = get_method(method).options
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(
@@ -217,14 +227,25 @@ class Pruner:
         self.scope = scope
         self.seed = seed
         self.options = _method_options(method, options, "Pruner")
-        if scope == "global" and method not in UNSTRUCTURED:
+        spec = get_method(method)
+        if scope == "global" and not spec.ranks_globally(self.options):
+            why = (
+                " with per_output=True (it ranks within each output row)"
+                if spec.per_row(self.options)
+                else ""
+            )
+            ranked = [n for n in list_methods() if get_method(n).ranks == "entries"]
             raise ValueError(
-                f"scope='global' ranks single weights across layers; method={method!r} does not, "
-                f"use scope='layer' (global works with {sorted(UNSTRUCTURED)})"
+                f"scope='global' ranks single weights across layers; method={method!r} does "
+                f"not{why}, use scope='layer' (global works with {ranked})"
             )
         self._targets = self._resolve(model, targets, exclude)
         for target in self._targets.values():
             self._check_options(target)
+        self._stats = Statistics(
+            model,
+            {n: (t.method, t.param, get_method(t.method).needs) for n, t in self._targets.items()},
+        )
         self.masks: dict[str, Tensor] = {  # contiguous whatever the parameter's layout
             name: new_mask(t.param)  # a DTensor for a DTensor parameter
             for name, t in self._targets.items()
@@ -325,7 +346,10 @@ class Pruner:
             specs: dict[str, tuple[str, _Target]] = {}  # alias -> (its pattern, its target)
             for pattern, spec in targets.items():
                 for alias in aliases(pattern):
-                    specs[alias] = (pattern, self._override(default(canonical[alias]), spec, pattern))
+                    specs[alias] = (
+                        pattern,
+                        self._override(default(canonical[alias]), spec, pattern),
+                    )
             first: dict[str, str] = {}  # parameter -> the alias whose settings it has
             for alias, (pattern, target) in specs.items():
                 name = target.name
@@ -397,15 +421,11 @@ class Pruner:
         where = f"{target.name} (shape {tuple(shape)})"
         if "dim" in opts:
             check_dim(opts["dim"], len(shape), where=f" for {where}")
-        if target.method == "nm":
-            n, m = opts.get("n", 2), opts.get("m", 4)
-            dim = opts.get("dim", -1)
-            if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
-                raise ValueError(f"n={n!r}, m={m!r} for {where}: need ints with 0 < n <= m")
-            if shape[dim] % m:
-                raise ValueError(f"m={m} does not divide size {shape[dim]} of dim={dim} of {where}")
-        if target.method == "ln_structured" and opts.get("n", 2) not in (0, 1, 2, math.inf):
-            raise ValueError(f"n={opts['n']!r} for {where} must be one of 0, 1, 2, inf")
+        spec = get_method(target.method)
+        if spec.check is not None:
+            spec.check(target.param, opts, where)
+        if spec.per_row(opts) and target.param.ndim < 2:
+            raise ValueError(f"method={target.method!r} ranks within rows; {where} has none")
 
     @property
     def names(self) -> list[str]:
@@ -448,7 +468,9 @@ class Pruner:
         self._follow()
         self._check_values("prune_to")
         if scores is not None and not isinstance(scores, Mapping):
-            raise TypeError(f"scores must be a mapping from target name to tensor, got {type(scores).__name__}")
+            raise TypeError(
+                f"scores must be a mapping from target name to tensor, got {type(scores).__name__}"
+            )
         plan = self._plan(sparsity, dict(scores or {}))
         new = dict(plan.masks)
         for sel in plan.selections:
@@ -462,6 +484,11 @@ class Pruner:
         self.masks.update(new)
         self._masks_changed()
         self.updates += 1
+        self._stats.reset(
+            n
+            for n in plan.updated
+            if not get_method(self._targets[n].method).keeps_stats(self._targets[n].options)
+        )
 
     def _plan(self, sparsity: Any, scores: dict[str, Tensor]) -> _Plan:
         for name, score in scores.items():
@@ -492,23 +519,70 @@ class Pruner:
             }
             group = [n for n, t in self._targets.items() if self._ranked_globally(t)]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
-        plan = _Plan()
+        stats = self._gather_stats([n for n in self._targets if n in amounts])
+        plan = _Plan(updated=list(amounts))
         if group:
-            plan.selections.append(self._selection(group, sparsity, scores, generator))
+            plan.selections.append(self._selection(group, sparsity, scores, generator, stats))
         for name, amount in amounts.items():
             if name in group:
                 continue
             target = self._targets[name]
-            if target.method in UNSTRUCTURED:
-                plan.selections.append(self._selection([name], amount, scores, generator))
+            spec = get_method(target.method)
+            if spec.ranks_globally(target.options):
+                plan.selections.append(self._selection([name], amount, scores, generator, stats))
             else:
-                plan.masks[name] = self._structured(target, amount, scores.get(name), generator)
+                plan.masks[name] = self._structured(
+                    target, amount, scores.get(name), generator, stats
+                )
         return plan
 
+    def _gather_stats(self, names: list[str]) -> dict[str, TargetStats]:
+        """The statistics of ``names`` summed across ranks; raises if a method lacks them."""
+        if not self._stats:
+            return {}
+        stats = self._stats.reduced(names)
+        for name, got in stats.items():
+            missing = self._stats.missing(name, got)
+            if missing is not None:
+                method = self._targets[name].method
+                raise RuntimeError(
+                    f"method={method!r} ranks {name} by its {missing}; no statistics were "
+                    "collected since the last update: call pruner.calibrate(batches"
+                    f"{', loss_fn' if 'gradients' in missing else ''}) or train with the "
+                    "pruner attached to the optimizer first"
+                )
+        return stats
+
+    def _scores(
+        self, name: str, stats: Mapping[str, TargetStats], shape: tuple[int, ...]
+    ) -> Tensor:
+        """The method's scores for target ``name``, checked (shape, dtype, finite)."""
+        target = self._targets[name]
+        spec = get_method(target.method)
+        assert spec.score is not None
+        scores = spec.score(target.param.detach(), stats.get(name, TargetStats()), **target.options)
+        if not isinstance(scores, Tensor) or not scores.is_floating_point():
+            got = scores.dtype if isinstance(scores, Tensor) else type(scores).__name__
+            raise TypeError(
+                f"method={target.method!r} returned scores of {got} for {name}; need a float tensor"
+            )
+        if tuple(scores.shape) != shape:
+            raise ValueError(
+                f"method={target.method!r} returned scores of shape {tuple(scores.shape)} for "
+                f"{name}, expected {shape}"
+            )
+        check_finite(scores, f"method={target.method!r}: the scores of {name}")
+        return scores
+
     def _ranked_globally(self, target: _Target) -> bool:
-        # the documented rule: only another method or a fixed sparsity of its own takes a
-        # target out of the global ranking
-        return self.scope == "global" and target.method == self.method and target.sparsity is None
+        # the documented rule: only another method, a fixed sparsity of its own (or options
+        # that compare within rows) take a target out of the global ranking
+        return (
+            self.scope == "global"
+            and target.method == self.method
+            and target.sparsity is None
+            and get_method(target.method).ranks_globally(target.options)
+        )
 
     def _check_norms(self, masks: Mapping[str, Tensor]) -> None:
         """Refuse masks that would prune a whole slice of a weight_norm direction v: its
@@ -536,6 +610,7 @@ class Pruner:
         amount: float | int,
         scores: dict[str, Tensor],
         generator: torch.Generator,
+        stats: Mapping[str, TargetStats],
     ) -> _Selection:
         total = sum(self.masks[n].numel() for n in names)
         target_count = amount_to_count(amount, total, name="sparsity")
@@ -547,7 +622,7 @@ class Pruner:
                 f"sparsity={amount} asks for {target_count} pruned weights in {what}, but "
                 f"{already} already are; masks only shrink"
             )
-        method = self._targets[names[0]].method
+        spec = get_method(self._targets[names[0]].method)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         given = [n for n in names if n in scores]
         if given and len(given) != len(names):
@@ -561,8 +636,12 @@ class Pruner:
                         f"scores[{n!r}] has shape {tuple(scores[n].shape)}, expected {tuple(self.masks[n].shape)}"
                     )
             source: KeySource | WideKeys = key_source([scores[n] for n in names], magnitude=False)
-        elif method == "random":
+        elif spec.random:
             source = RandomKeys(seed)
+        elif spec.score is not None:
+            source = key_source(
+                [self._scores(n, stats, tuple(self.masks[n].shape)) for n in names], magnitude=False
+            )
         else:
             for n in names if len(names) == 1 else ():
                 check_finite(self._targets[n].param, n)
@@ -570,23 +649,153 @@ class Pruner:
         return _Selection(names, target_count - already, source, kept)
 
     def _structured(
-        self, target: _Target, amount: float | int, score: Tensor | None, generator: torch.Generator
+        self,
+        target: _Target,
+        amount: float | int,
+        score: Tensor | None,
+        generator: torch.Generator,
+        stats: Mapping[str, TargetStats],
     ) -> Tensor:
-        fn = get_method(target.method)
+        """A per-tensor method's new mask (slices, rows, N:M or a plain mask function),
+        checked and intersected with the current mask."""
+        spec = get_method(target.method)
         kwargs = dict(target.options)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        accepts = inspect.signature(fn).parameters
-        if score is not None:
-            kwargs["scores"] = score
-        if "generator" in accepts:
-            kwargs["generator"] = torch.Generator().manual_seed(seed)
+        accepts = spec.__signature__.parameters
         param, mask = target.param.detach(), self.masks[target.name]
         check_finite(param, target.name)
+        if spec.score is not None:  # data-aware: scores from the weight and statistics
+            if spec.ranks == "slices":
+                dim = check_dim(kwargs.get("dim", 0), param.ndim)
+                shape: tuple[int, ...] = (param.shape[dim],)
+                if score is None:
+                    score = self._scores(target.name, stats, shape)
+                elif tuple(score.shape) != shape:
+                    raise ValueError(
+                        f"scores[{target.name!r}] has shape {tuple(score.shape)}, expected {shape}"
+                    )
+                new = _prune_slices(param, amount, dim, mask, key_source([score], magnitude=False))
+            else:  # entries compared within rows
+                if score is None:
+                    score = self._scores(target.name, stats, tuple(param.shape))
+                elif score.shape != param.shape:
+                    raise ValueError(
+                        f"scores[{target.name!r}] has shape {tuple(score.shape)}, expected {tuple(param.shape)}"
+                    )
+                new = rank_rows(param, amount, score, mask)
+            return self._checked(spec, target.name, new, mask)
+        if score is not None:
+            kwargs["scores"] = score
+        if spec.random or "generator" in accepts:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
         if isinstance(param, DTensor):  # ranks exchange slice scores, never weights
             return structured_mask(target.method, param, amount, mask, kwargs)
-        if target.method == "nm":  # the pattern fixes the sparsity; any amount > 0 applies it
-            return fn(param, **kwargs) & mask if amount else mask
-        return fn(param, amount, mask=mask, **kwargs)
+        if spec.pattern:  # the pattern fixes the sparsity; any amount > 0 applies it
+            return self._checked(spec, target.name, spec(param, **kwargs), mask) if amount else mask
+        if spec.ranks == "entries" and spec.per_row(kwargs):
+            return self._checked(
+                spec, target.name, rank_rows(param, amount, param.abs(), mask), mask
+            )
+        if spec.accepts_mask():
+            kwargs["mask"] = mask
+        return self._checked(spec, target.name, spec(param, amount, **kwargs), mask)
+
+    @staticmethod
+    def _checked(spec: Method, name: str, new: Any, mask: Tensor) -> Tensor:
+        """A method's result checked (a bool tensor of the mask's shape) and intersected
+        with the current mask: masks only shrink, whatever the method does."""
+        if not isinstance(new, Tensor) or new.dtype != torch.bool:
+            got = new.dtype if isinstance(new, Tensor) else type(new).__name__
+            raise TypeError(
+                f"method={spec.name!r} returned {got} for {name}; a mask must be a torch.bool "
+                "tensor (True = kept)"
+            )
+        if new.shape != mask.shape:
+            raise ValueError(
+                f"method={spec.name!r} returned a mask of shape {tuple(new.shape)} for {name}, "
+                f"expected {tuple(mask.shape)}"
+            )
+        return new.to(local(mask).device) & mask
+
+    def calibrate(
+        self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor] | None = None
+    ) -> int:
+        """Collect the statistics the targets' methods need over ``batches`` (one-shot use,
+        the ``X`` of activation pruning), without training; returns the number of batches.
+
+        Each batch is fed to the model as ``model(batch)`` for a tensor, ``model(batch[0])``
+        for a tuple or list (e.g. ``(x, y)``) and ``model(**batch)`` for a mapping, in the
+        mode the model is in. Activation statistics need a forward only (run under
+        ``torch.no_grad``); gradient statistics (taylor, snip, movement) need
+        ``loss_fn(output, batch) -> scalar loss``, whose backward is run per batch. The
+        model's ``.grad`` are left as they were found, no optimizer steps. Statistics add up
+        with those collected since the last update; :meth:`prune_to` uses and resets them.
+        A Pruner whose methods need no statistics returns 0 without reading ``batches``.
+
+        >>> model = nn.Sequential(nn.Linear(4, 3))
+        >>> pruner = Pruner(model, method="wanda")
+        >>> pruner.calibrate([torch.randn(8, 4) for _ in range(2)])
+        2
+        >>> pruner.prune_to(0.5)
+        >>> int((model[0].weight == 0).sum())
+        6
+        """
+        self._check_live()
+        self._follow()
+        self._check_values("calibrate")
+        if not self._stats:
+            return 0
+        if isinstance(batches, Tensor) or not isinstance(batches, Iterable):
+            raise TypeError(
+                f"batches must be an iterable of batches, got {type(batches).__name__}"
+                + (" (wrap one tensor as [x])" if isinstance(batches, Tensor) else "")
+            )
+        grads = self._stats.needs_grads()
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn={loss_fn!r} must be a callable (output, batch) -> loss")
+        if grads and loss_fn is None:
+            methods = sorted({self._targets[n].method for n in grads})
+            raise ValueError(
+                f"method(s) {methods} rank by gradients: give calibrate a loss_fn(output, batch) "
+                "returning a scalar loss"
+            )
+        hooked_here = not self._stats.hooked
+        self._stats.hook({n: t.param for n, t in self._targets.items()})
+        params = list(self.model.parameters())
+        found = [p.grad for p in params]
+        count = 0
+        self._stats.calibrating = True
+        try:
+            for batch in batches:
+                if grads:
+                    for p in params:
+                        p.grad = None
+                    with torch.enable_grad():
+                        loss = loss_fn(_feed(self.model, batch), batch)  # type: ignore[misc]
+                        if (
+                            not isinstance(loss, Tensor)
+                            or loss.numel() != 1
+                            or not loss.requires_grad
+                        ):
+                            raise ValueError(
+                                f"loss_fn returned {type(loss).__name__}"
+                                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}; it "
+                                "must return a scalar tensor that requires grad"
+                            )
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        _feed(self.model, batch)
+                count += 1
+        finally:
+            self._stats.calibrating = False
+            for p, g in zip(params, found, strict=True):
+                p.grad = g
+            if hooked_here and not self._optimizers:
+                self._stats.unhook()
+        if not count:
+            raise ValueError("batches is empty: nothing to calibrate on")
+        return count
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Intersect the current masks with given ones (custom masks); weights follow.
@@ -601,10 +810,14 @@ class Pruner:
         self._follow()
         self._check_values("set_masks")
         if not isinstance(masks, Mapping):
-            raise TypeError(f"masks must be a mapping from target name to bool mask, got {type(masks).__name__}")
+            raise TypeError(
+                f"masks must be a mapping from target name to bool mask, got {type(masks).__name__}"
+            )
         for name, mask in masks.items():
             if name not in self.masks:
-                raise ValueError(f"masks names {name!r}, not a target{suggest(str(name), self.masks)}")
+                raise ValueError(
+                    f"masks names {name!r}, not a target{suggest(str(name), self.masks)}"
+                )
             if (
                 not isinstance(mask, Tensor)
                 or mask.dtype != torch.bool
@@ -693,9 +906,7 @@ class Pruner:
                         f"its mask has shape {tuple(self.masks[name].shape)}: build a new Pruner"
                     )
                 replaced[name] = current
-        moved = [
-            n for n, t in self._targets.items() if n in replaced or _where(t.param) != t.seen
-        ]
+        moved = [n for n, t in self._targets.items() if n in replaced or _where(t.param) != t.seen]
         if moved:
             self._rebind(replaced, moved)
         self._hook_unfrozen()
@@ -744,6 +955,8 @@ class Pruner:
             else:
                 self._pending.add(name)
         self._grad_hooks = keep
+        if self._stats:
+            self._stats.hook({n: t.param for n, t in self._targets.items()})
 
     def _check_values(self, what: str) -> None:
         for name, target in self._targets.items():
@@ -913,6 +1126,7 @@ class Pruner:
             for handle in attached.handles:
                 handle.remove()
         self._grad_hooks, self._optimizers, self._pending = [], [], set()
+        self._stats.unhook()
         self._step_masks = {}
         self._removed = True
 
@@ -953,7 +1167,16 @@ class Pruner:
         new._targets = {}
         for name, target in self._targets.items():
             param = copy.deepcopy(target.param, memo)  # the model's copy of it, via memo
-            new._targets[name] = replace(target, param=param, options=copy.deepcopy(target.options, memo))
+            new._targets[name] = replace(
+                target, param=param, options=copy.deepcopy(target.options, memo)
+            )
+        self._stats.strip_copies(memo)  # the copied modules' hook dicts hold ours
+        new._stats = Statistics(
+            model,
+            {n: (t.method, t.param, get_method(t.method).needs) for n, t in new._targets.items()},
+        )
+        if self._stats:
+            new._stats.load(self._stats.check_state(self._stats.local_state()))
         for attached in self._optimizers:  # even one that now holds none of the targets
             new._attach(copy.deepcopy(attached.optimizer, memo))
         return new
@@ -963,7 +1186,7 @@ class Pruner:
         """Masks (bit-packed) and what is needed to continue pruning."""
         if not self._removed:
             self._follow()
-        return {
+        state = {
             "format": _STATE_FORMAT,
             "method": self.method,
             "scope": self.scope,
@@ -975,6 +1198,9 @@ class Pruner:
                 for n, m in self.masks.items()
             },
         }
+        if self._stats:  # summed across ranks: under DDP every rank must call state_dict
+            state["stats"] = self._stats.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks saved by :meth:`state_dict`; the weights are re-masked.
@@ -1007,12 +1233,16 @@ class Pruner:
         restored = {}
         for name, entry in saved.items():
             if not isinstance(entry, Mapping) or not {"shape", "packed"} <= set(entry):
-                raise ValueError(f"state_dict mask {name!r} must be a dict with 'shape' and 'packed'")
+                raise ValueError(
+                    f"state_dict mask {name!r} must be a dict with 'shape' and 'packed'"
+                )
             shape = entry["shape"]
             if not isinstance(shape, Sequence) or not all(
                 isinstance(s, int) and not isinstance(s, bool) for s in shape
             ):
-                raise TypeError(f"state_dict mask {name!r} has shape={shape!r}; need a list of ints")
+                raise TypeError(
+                    f"state_dict mask {name!r} has shape={shape!r}; need a list of ints"
+                )
             if tuple(shape) != tuple(self.masks[name].shape):
                 raise ValueError(
                     f"state_dict mask {name!r} has shape {tuple(shape)}, the parameter "
@@ -1024,8 +1254,13 @@ class Pruner:
                 raise type(e)(f"state_dict mask {name!r}: {e}") from None
             restored[name] = like(mask, self.masks[name])  # this rank's shard if sharded
         self._check_norms(restored)
+        stats = None
+        if "stats" in state:
+            stats = self._stats.check_state(state["stats"])
         self.masks.update(restored)
         self.updates = int(updates)
+        if stats is not None:
+            self._stats.load(stats, summed=True)
         self._masks_changed()
 
     def __repr__(self) -> str:
