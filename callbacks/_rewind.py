@@ -29,7 +29,8 @@ class RewindPoint(Callback):
     With ``path``, the capture also writes a full Lightning checkpoint there (atomically:
     a temporary file renamed into place), so that later fits *start at step k* with
     ``trainer.fit(module, ckpt_path=path)``: weights, optimizer and LR-scheduler state,
-    and the step count (they then train from step k to ``max_steps``). This is how
+    and the step count (they then train from step k to ``max_steps``). The file holds
+    no RewindPoint entries (a start for other fits, not a resume of this one). This is how
     late rewinding (Frankle et al. 2020) and the instability analysis restart training
     from step k. A fit that ends before step k captures nothing and warns.
 
@@ -108,11 +109,16 @@ class RewindPoint(Callback):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            self._saving = True  # the file is the rewind point: no copy of it inside
+            # the file is a start for later fits: no RewindPoint entries inside (this one's
+            # capture is the file itself; Lightning would warn about the others')
+            points = [c for c in trainer.callbacks if isinstance(c, RewindPoint)]
+            for point in points:
+                point._saving = True
             try:
                 trainer.save_checkpoint(tmp, weights_only=False)  # all ranks call, rank 0 writes
             finally:
-                self._saving = False
+                for point in points:
+                    point._saving = False
             if trainer.is_global_zero:
                 os.replace(tmp, self.path)
 

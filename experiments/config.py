@@ -181,6 +181,30 @@ class LotteryConfig(ExperimentConfig):
     controls: list[str] = _help([], "also train each round's controls: random_reinit, random_prune")
 
 
+EVAL_SETS = ("test", "val")
+
+
+@dataclass
+class InstabilityConfig(ExperimentConfig):
+    """``prunekit instability``: linear mode connectivity (Frankle et al. 2020)."""
+
+    steps: int = _help(MISSING, "optimizer steps of the trunk and of each copy (counted from 0)")
+    rewind_steps: list[int] = _help(
+        [0, 100, 500, 2000],
+        "the k's: two copies train on from the state after k steps of one shared training",
+    )
+    data_seeds: list[int] = _help(
+        [1, 2], "data-order seeds of the two copies (equal seeds give identical copies)"
+    )
+    alphas: int = _help(11, "evenly spaced alpha in [0, 1] where the path's error is evaluated")
+    eval_on: str = _help("test", "the path's error on the test or the val(idation) images")
+    masks: str | None = _help(
+        None,
+        "null (dense) or a lottery round's state (round_RR/lottery.pt) or {name: bool mask} "
+        ".pt file: the copies train that sparse network from step k",
+    )
+
+
 def _closest(key: str, node: Any) -> str:
     valid = [f.name for f in fields(node)] if is_dataclass(node) else []
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
@@ -275,6 +299,9 @@ def check_config(cfg: DictConfig) -> None:
     if "sparsities" in cfg:  # prunekit oneshot
         _check_oneshot(cfg)
         return
+    if "rewind_steps" in cfg:  # prunekit instability
+        _check_instability(cfg, check)
+        return
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
         check(
@@ -326,6 +353,26 @@ def check_config(cfg: DictConfig) -> None:
             cfg.data.val_size,
             "must be > 0: rounds early-stop on validation loss",
         )
+
+
+def _check_instability(cfg: DictConfig, check: Any) -> None:
+    check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+    ks = list(cfg.rewind_steps)
+    check(bool(ks), "rewind_steps", ks, "must list at least one step k")
+    for k in ks:
+        check(0 <= k < cfg.steps, "rewind_steps", ks, f"must lie in [0, steps={cfg.steps})")
+    check(len(set(ks)) == len(ks), "rewind_steps", ks, "lists a step twice")
+    seeds = list(cfg.data_seeds)
+    check(len(seeds) == 2, "data_seeds", seeds, "must hold two seeds (one per copy)")
+    check(min(seeds) >= 0, "data_seeds", seeds, "must be >= 0")
+    check(2 <= cfg.alphas <= 1001, "alphas", cfg.alphas, "must be in [2, 1001]")
+    check(cfg.eval_on in EVAL_SETS, "eval_on", cfg.eval_on, f"must be one of {EVAL_SETS}")
+    check(
+        cfg.eval_on != "val" or cfg.data.val_size > 0,
+        "eval_on",
+        cfg.eval_on,
+        "needs data.val_size > 0",
+    )
 
 
 def _check_sections(cfg: DictConfig) -> None:
