@@ -269,6 +269,64 @@ def oneshot_rows(summaries: Sequence[dict[str, Any]]) -> list[list[Any]]:
     ]
 
 
+# ------------------------------------------------------------------ methods
+def method_points(
+    summaries: Sequence[dict[str, Any]], metric: str = "pruned_test_acc"
+) -> dict[str, list[tuple[float, float, float | None, int]]]:
+    """Gradual runs of several methods: per line (``model: method (scope)``),
+    ``(target sparsity, mean, sample std, n)`` over the runs that share it (their seeds).
+
+    >>> def run(method, final, acc):
+    ...     return {"model": "m", "method": method, "scope": "global",
+    ...             "target_sparsity": final, "pruned_test_acc": acc}
+    >>> points = method_points([run("taylor", 0.9, 0.5), run("taylor", 0.9, 1.0),
+    ...                         run("magnitude", 0.9, 0.7)])
+    >>> list(points)
+    ['m: magnitude (global)', 'm: taylor (global)']
+    >>> points["m: taylor (global)"]  # sample std of (0.5, 1.0): sqrt(0.125)
+    [(0.9, 0.75, 0.3535533905932738, 2)]
+    """
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for s in summaries:
+        label = f"{s['model']}: {s['method']} ({s['scope']})"
+        series[label][round(s["target_sparsity"], 6)].append(s[metric])
+    return {
+        label: [(x, *mean_std(series[label][x])) for x in sorted(series[label])]
+        for label in sorted(series)
+    }
+
+
+def plot_methods(
+    summaries: Sequence[dict[str, Any]], path: Path, *, metric: str = "pruned_test_acc"
+) -> Path:
+    """Gradual runs of several methods: accuracy at the end against the final target
+    sparsity, one line per model, method and scope, mean ± sample std over the runs
+    (seeds) of each point; written to ``path``."""
+    fig, ax = _axes(
+        f"gradual pruning: methods compared\n({SPREAD})",
+        "final target sparsity (%)",
+        metric.replace("_", " "),
+    )
+    for label, points in method_points(summaries, metric).items():
+        n = max(p[3] for p in points)
+        ax.errorbar(
+            [100 * p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] or 0.0 for p in points],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label=f"{label} (n={n})",
+        )
+    dense = [s["dense_test_acc"] for s in summaries if s.get("dense_test_acc") is not None]
+    if dense:
+        mean, _, n = mean_std(dense)
+        ax.axhline(mean, linestyle=":", color="0.4", label=f"dense (mean of {n})")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
 # ------------------------------------------------------------------ gradual accuracy
 def gradual_curve(run: Path, summary: dict[str, Any]) -> tuple[list[tuple[int, float]], int]:
     """Validation accuracy against the run's optimizer step, dense phase included, and the
@@ -443,7 +501,16 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
             )
         )
     if plot_path is not None:
-        lines.append("\n".join(f"plot written: {p}" for p in _plot_groups(groups, Path(plot_path))))
+        written = _plot_groups(groups, Path(plot_path))
+        gradual_runs = [
+            s for (kind, _), g in groups.items() if kind == "gradual" for _, s in g if "method" in s
+        ]
+        if len({s["method"] for s in gradual_runs}) > 1:  # a comparison of methods
+            path = Path(plot_path)
+            written.append(
+                plot_methods(gradual_runs, path.with_name(f"{path.stem}-methods{path.suffix}"))
+            )
+        lines.append("\n".join(f"plot written: {p}" for p in written))
     return "\n\n".join(lines)
 
 
