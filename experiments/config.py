@@ -481,7 +481,6 @@ def _check_oneshot(cfg: DictConfig) -> None:
         check(scope in ("global", "layer"), "scopes", scope, "must be global or layer")
     variants = OmegaConf.to_container(cfg.variants, resolve=True)
     for label, spec in variants.items():
-        check(label in cfg.methods, f"variants.{label}", spec, "is not listed in methods")
         check("method" in spec, f"variants.{label}", spec, "needs a method")
         scope = spec.get("scope", cfg.scopes[0])
         check(scope in cfg.scopes, f"variants.{label}.scope", scope, f"is not in {list(cfg.scopes)}")
