@@ -17,9 +17,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from prunekit import SCOPES, Pruner, Targets, get_method, pack_mask
+from prunekit import SCOPES, GroupPruner, Pruner, Targets, get_method, pack_mask
 
 UNITS = ("step", "epoch")
+STRUCTURES = ("weights", "groups")
+#: options of structure="groups" (passed to GroupPruner)
+_GROUP_OPTIONS = ("reduce", "blocks_only")
 #: What a checkpoint entry of this callback holds: 2 adds the arguments it was written with.
 _STATE_FORMAT = 2
 
@@ -79,12 +82,28 @@ class Pruning(Callback):
             per-layer sparsity table at every update (rank zero).
         name: tells two ``Pruning`` callbacks of one Trainer apart (their checkpoint
             entries are keyed by it); needed only when there are several.
+        structure: ``"weights"`` (default: ``method`` decides what goes) or ``"groups"``:
+            structured pruning of whole dependency groups with a
+            :class:`prunekit.GroupPruner` (channels with their bias, BatchNorm entries
+            and the next layers' inputs; coupled residual channels; attention heads), so
+            that :func:`prunekit.compact` can remove them afterwards with the same
+            outputs. The schedule's sparsity, and the logged ``sparsity/actual``, then
+            count **groups** (channels), per layer (``scope="layer"``) or over all
+            layers (``"global"``, scores divided by each layer's mean). Needs a schedule
+            (not ``amount``), the default ``method`` and no ``targets``/``exclude``;
+            ``options`` may hold ``reduce`` and ``blocks_only`` (see ``GroupPruner``).
+        example_input: with ``structure="groups"``, an input of the LightningModule's
+            ``forward`` for the trace (a tensor or a tuple of them; moved to the
+            module's device); ``None`` uses ``pl_module.example_input_array``.
 
     >>> from prunekit.schedules import Polynomial
     >>> Pruning(Polynomial(0.0, 0.9, begin=0, end=100, frequency=10), unit="step")
     Pruning(schedule=Polynomial(...), unit='step', method='magnitude', scope='global')
     >>> Pruning(amount=0.3, unit="epoch")  # 30 % of what remains, at each epoch end
     Pruning(amount=0.3, unit='epoch', method='magnitude', scope='global')
+    >>> Pruning(Polynomial(0.0, 0.5, begin=0, end=100, frequency=10), structure="groups",
+    ...         example_input=torch.zeros(1, 1, 28, 28), scope="layer")  # half the channels
+    Pruning(schedule=Polynomial(...), unit='step', structure='groups', scope='layer')
     """
 
     def __init__(
@@ -106,6 +125,8 @@ class Pruning(Callback):
         name: str | None = None,
         after_validation: bool = False,
         on_update: Callable[[Pruner, int], Any] | None = None,
+        structure: str = "weights",
+        example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         if (schedule is None) == (amount is None):
             raise TypeError(
@@ -129,9 +150,12 @@ class Pruning(Callback):
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         get_method(method)
+        _check_structure(structure, example_input, amount, method, targets, exclude, options)
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"name={name!r} must be a non-empty str or None")
         self.name = name
+        self.structure = structure
+        self.example_input = example_input
         self.schedule = schedule
         self.amount = amount
         self.unit = unit
@@ -149,7 +173,7 @@ class Pruning(Callback):
         self.make_permanent = make_permanent
         self.log_per_layer = log_per_layer
         self.verbose = verbose
-        self.pruner: Pruner | None = None
+        self.pruner: Pruner | GroupPruner | None = None
         self._last_t: int | None = None  # the last time checked against the schedule
         self._target = 0.0  # the sparsity the masks were last brought to
         self._pending_state: dict[str, Any] | None = None
@@ -296,7 +320,7 @@ class Pruning(Callback):
                 self.pruner = None
                 raise _changed(pl_module, e) from e
         # (a pruner of another module stays with it: its hooks keep that module's zeros)
-        self.pruner = Pruner(pl_module, **self._pruner_kwargs(pl_module))
+        self.pruner = self._make_pruner(pl_module)
         self._check_overlap(trainer, pl_module)
         if self.verbose:
             rank_zero_info(f"prunekit: {self.pruner.describe()}")
@@ -318,6 +342,25 @@ class Pruning(Callback):
             self._initial = {
                 n: pl_module.get_parameter(n).detach().clone() for n in self.pruner.names
             }
+
+    def _make_pruner(self, pl_module: pl.LightningModule) -> Pruner | GroupPruner:
+        if self.structure == "weights":
+            return Pruner(pl_module, **self._pruner_kwargs(pl_module))
+        example = self.example_input
+        if example is None:
+            example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            raise ValueError(
+                "structure='groups' traces the module and needs an example input: pass "
+                f"Pruning(..., example_input=...) or set {type(pl_module).__name__}.example_input_array"
+            )
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        if isinstance(example, torch.Tensor):
+            example = example.to(device)
+        elif isinstance(example, list | tuple):
+            example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
+        options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
+        return GroupPruner(pl_module, example, scope=self.pruner_args["scope"], **options)
 
     def _pruner_kwargs(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The Pruner's arguments, ``(module, "weight")`` pairs in ``targets`` named."""
@@ -373,6 +416,7 @@ class Pruning(Callback):
         return {
             "schedule": self._describe(),
             "unit": self.unit,
+            "structure": self.structure,
             "method": self.pruner_args["method"],
             "scope": self.pruner_args["scope"],
             "targets": self.pruner.names,
@@ -584,9 +628,62 @@ class Pruning(Callback):
         else:
             what = f"schedule={type(self.schedule).__name__}(...)"
         name = "" if self.name is None else f", name={self.name!r}"
+        how = (
+            "structure='groups'"
+            if self.structure == "groups"
+            else f"method={self.pruner_args['method']!r}"
+        )
         return (
-            f"Pruning({what}, unit={self.unit!r}, "
-            f"method={self.pruner_args['method']!r}, scope={self.pruner_args['scope']!r}{name})"
+            f"Pruning({what}, unit={self.unit!r}, {how}, scope={self.pruner_args['scope']!r}{name})"
+        )
+
+
+def _check_structure(
+    structure: Any,
+    example_input: Any,
+    amount: Any,
+    method: str,
+    targets: Any,
+    exclude: Any,
+    options: Mapping[str, Any] | None,
+) -> None:
+    """``structure`` and what ``structure="groups"`` cannot be combined with."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} must be one of {STRUCTURES}")
+    if structure == "weights":
+        if example_input is not None:
+            raise ValueError("example_input= is only used with structure='groups'")
+        return
+    if example_input is not None and not (
+        isinstance(example_input, torch.Tensor)
+        or (
+            isinstance(example_input, tuple)
+            and example_input
+            and all(isinstance(t, torch.Tensor) for t in example_input)
+        )
+    ):
+        raise TypeError(
+            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
+        )
+    if amount is not None:
+        raise ValueError(
+            "structure='groups' needs a schedule of group sparsity; amount= (pruning a share "
+            "of the remaining weights) is not supported with it"
+        )
+    if method != "magnitude":
+        raise ValueError(
+            f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
+            "does not apply (leave the default)"
+        )
+    if targets is not None or (exclude not in ((), [], "")):
+        raise ValueError(
+            f"structure='groups' prunes every dependency group the trace finds; {targets=!r} "
+            f"and {exclude=!r} are not supported with it"
+        )
+    unknown = sorted(set(options or {}) - set(_GROUP_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
         )
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunekit.callbacks import Pruning
 from prunekit.experiments import paths as P
 from prunekit.experiments.config import ConfigError
+from prunekit.experiments.data import data_shape
 from prunekit.experiments.training import (
     Checkpoints,
     Evaluations,
@@ -74,6 +75,7 @@ def _run(
     progress(f"run {paths.root}")
 
     dense_acc, dense_s, dense_earlier = _dense_phase(cfg, net, dm, paths, given)
+    groups = cfg.pruning.structure == "groups"  # channel groups: compactable afterwards
     pruning = Pruning(
         schedule,
         unit=cfg.pruning.unit,
@@ -86,6 +88,8 @@ def _run(
         seed=cfg.seed,
         options=OmegaConf.to_container(cfg.pruning.options),
         make_permanent=True,
+        structure=cfg.pruning.structure,
+        example_input=torch.zeros(1, *data_shape(dm)[0]) if groups else None,
     )
     evaluations = Evaluations(test_loader, label="pruning ", resumable=True)
     checkpoints = Checkpoints(paths.resume_checkpoint("pruning"), cfg.checkpoint_every)
@@ -121,6 +125,7 @@ def _run(
         "unit": cfg.pruning.unit,
         "method": cfg.pruning.method,
         "scope": cfg.pruning.scope,
+        "structure": cfg.pruning.structure,
         "steps": cfg.steps,
         "dense_test_acc": dense_acc,
         "pruned_test_acc": final_acc,
@@ -129,6 +134,7 @@ def _run(
         "target_sparsity": schedule(final_t),
         "sparsity": report.fraction,
         "sparsity_per_layer": {n.removeprefix("model."): f for n, f in report.per_target().items()},
+        **({"weight_sparsity": pruning.pruner.weight_sparsity().fraction} if groups else {}),
         "wall_s": {
             "dense": dense_s,
             "pruning": prune_s,

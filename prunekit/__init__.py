@@ -14,7 +14,7 @@ from prunekit._compact import (
     compaction_report,
     model_cost,
 )
-from prunekit._groups import DependencyGraph, Group, UnsupportedModelError
+from prunekit._groups import DependencyGraph, Group, GroupPruner, UnsupportedModelError
 from prunekit._loop import SparsityScheduler
 from prunekit._masks import (
     Method,
@@ -56,6 +56,7 @@ __all__ = [
     "CompactionReport",
     "DependencyGraph",
     "Group",
+    "GroupPruner",
     "Method",
     "ModelCost",
     "PrunedAttention",

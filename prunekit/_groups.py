@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from prunekit._pruner import Pruner
+from prunekit._report import SparsityReport, TargetSparsity
+from prunekit._state import unpack_mask
 from prunekit._validate import amount_to_count
 
 SCOPES = ("layer", "global")
@@ -104,9 +107,11 @@ class Group:
     ``members`` holds ``(param_name, kind, dim, indices, rows)``: ``kind`` is ``"out"``
     (a producing weight's output slice), ``"aux"`` (a bias or normalisation entry) or
     ``"in"`` (a consumer's input slice); ``rows`` optionally narrows the other dimension
-    (the q, k or v block of a packed attention projection). ``layer`` names the set of
-    coupled layers the group belongs to (groups are ranked within it for
-    ``scope="layer"``).
+    (the q, k or v block of a packed attention projection). ``layer`` names the groups
+    made by the same producing layers (by the first of them; groups are ranked within it
+    for ``scope="layer"``): one layer's channels, or channels coupled by residual
+    additions; where a residual stream grows by zero padding, the channels each stage
+    adds are a layer of their own.
     """
 
     members: tuple[tuple[str, str, int, tuple[int, ...], tuple[int, int] | None], ...]
@@ -775,31 +780,21 @@ class DependencyGraph:
             if el.pinned or not any(m[1] == "out" for m in el.members):
                 continue
             candidates.append(root)
-        # layers: groups sharing a producer are ranked together
-        layer_of: dict[str, str] = {}
-        parent: dict[str, str] = {}
-
-        def top(p: str) -> str:
-            while parent[p] != p:
-                p = parent[p]
-            return p
-
-        for root in candidates:
-            prods = sorted(self._elements[root].producers)
-            for p in prods:
-                parent.setdefault(p, p)
-            for p in prods[1:]:
-                a, b = top(prods[0]), top(p)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+        # layers: groups made by the same producers are ranked together. (Not the whole
+        # set of coupled layers: in a ResNet whose shortcuts zero-pad, the stem's channels,
+        # those stage 2 adds and those stage 3 adds are coupled, but an amount of each
+        # keeps every stage at the same fraction of its width, as a thinner network would.)
         order = {n: i for i, n in enumerate(self._modules)}
-        members_of: dict[str, list[str]] = {}
-        for p in parent:
-            members_of.setdefault(top(p), []).append(p)
-        for ps in members_of.values():
-            first = min(ps, key=lambda n: order.get(n.removesuffix(".heads"), 0))
-            for p in ps:
-                layer_of[p] = first
+        layer_of: dict[frozenset[str], str] = {}
+        for root in sorted(candidates):
+            prods = frozenset(self._elements[root].producers)
+            if prods not in layer_of:
+                first = min(prods, key=lambda n: (order.get(n.removesuffix(".heads"), 0), n))
+                name, k = first, 1
+                while name in layer_of.values():
+                    k += 1
+                    name = f"{first}#{k}"
+                layer_of[prods] = name
         groups = []
         self.group_of_root: dict[int, int] = {}
         for root in sorted(candidates):
@@ -813,7 +808,7 @@ class DependencyGraph:
             )
             self.group_of_root[root] = len(groups)
             groups.append(
-                Group(members, tuple(sorted(el.producers)), layer_of[sorted(el.producers)[0]])
+                Group(members, tuple(sorted(el.producers)), layer_of[frozenset(el.producers)])
             )
         return tuple(groups)
 
@@ -824,7 +819,7 @@ class DependencyGraph:
         names = {m[0] for g in self.groups for m in g.members}
         return [n for n in self._params if n in names]
 
-    def scores(self, reduce: str = "normalized") -> Tensor:
+    def scores(self, reduce: str = "normalized", *, alive: Sequence[bool] | None = None) -> Tensor:
         """Each group's importance, in ``groups`` order, from the squared L2 norms of its
         members' slices:
 
@@ -833,7 +828,9 @@ class DependencyGraph:
         - ``"normalized"`` (default): each member's norm divided by the average over all
           groups of the same parameter slice kind, then averaged over the members. Layers
           of different scale and groups coupling different numbers of layers (a residual
-          stream's channels, zero-padded shortcut channels) then compare fairly.
+          stream's channels, zero-padded shortcut channels) then compare fairly. With
+          ``alive`` (one bool per group), the averages are taken over the alive groups
+          only, so groups pruned earlier (norm 0) do not shift them.
 
         >>> model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
         >>> with torch.no_grad():
@@ -860,13 +857,20 @@ class DependencyGraph:
                 [sum(n for _, n, _ in g) / sum(c for _, _, c in g) for g in norms],
                 dtype=torch.float64,
             )
+        if alive is not None and len(alive) != len(norms):
+            raise ValueError(f"alive has {len(alive)} entries for {len(norms)} groups")
         totals: dict[Any, list[float]] = {}
-        for g in norms:
+        for i, g in enumerate(norms):
+            if alive is not None and not alive[i]:
+                continue
             for key, n, _ in g:
                 totals.setdefault(key, []).append(n)
         means = {k: sum(v) / len(v) for k, v in totals.items()}
         return torch.tensor(
-            [sum(n / means[k] if means[k] > 0 else 0.0 for k, n, _ in g) / len(g) for g in norms],
+            [
+                sum(n / means[k] if means.get(k, 0.0) > 0 else 0.0 for k, n, _ in g) / len(g)
+                for g in norms
+            ],
             dtype=torch.float64,
         )
 
@@ -965,11 +969,13 @@ class DependencyGraph:
         """Masks pruning ``amount`` of the groups with the lowest :meth:`scores`
         (``reduce`` is passed on).
 
-        ``scope="layer"`` prunes ``amount`` within each layer (each set of coupled layers);
-        ``"global"`` ranks all groups together, each score divided by its layer's mean so
-        wide and narrow layers compare. Groups already pruned by ``masks`` stay pruned and
-        count toward the amount. A layer is never emptied: an amount that would remove all
-        of a layer's groups raises ``ValueError``.
+        ``scope="layer"`` prunes ``amount`` within each layer (the groups made by the same
+        producing layers, see :class:`Group`); ``"global"`` ranks all groups together,
+        each score divided by its layer's mean (over the groups not pruned yet) so wide and
+        narrow layers compare. Groups already pruned by ``masks`` stay pruned and count
+        toward the amount; they are left out of the averages of ``reduce="normalized"``. A
+        layer is never emptied: an amount that would remove all of a layer's groups raises
+        ``ValueError``.
 
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> m = DependencyGraph(model, torch.zeros(1, 4)).group_masks(0.5)
@@ -981,34 +987,46 @@ class DependencyGraph:
         if reduce not in ("normalized", "mean", "sum"):
             raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
         already = self.pruned(masks) if masks is not None else [False] * len(self.groups)
-        scores = self.scores(reduce)
-        layers: dict[str, list[int]] = {}
-        for i, g in enumerate(self.groups):
-            layers.setdefault(g.layer, []).append(i)
-        pruned = list(already)
-        if scope == "layer":
-            for layer, idx in layers.items():
-                k = amount_to_count(amount, len(idx))
-                self._check_count(k, len(idx), layer, amount)
-                self._prune_lowest(pruned, idx, scores, k)
-        else:
-            norm = scores.clone()
-            for idx in layers.values():
-                mean = float(scores[idx].mean())
-                norm[idx] = scores[idx] / mean if mean > 0 else 0.0
-            k = amount_to_count(amount, len(self.groups))
-            self._prune_lowest(pruned, list(range(len(self.groups))), norm, k)
-            for layer, idx in layers.items():
-                if all(pruned[i] for i in idx):
-                    raise ValueError(
-                        f"{amount=} with scope='global' would remove every group of layer {layer!r}"
-                    )
-        result = self.masks_for(pruned)
+        result = self.masks_for(self._select(amount, scope, already, reduce, strict=True))
         if masks is not None:
             for n, m in masks.items():
                 if n in result:
                     result[n] &= m
         return result
+
+    def _select(
+        self, amount: float | int, scope: str, already: list[bool], reduce: str, *, strict: bool
+    ) -> list[bool]:
+        """Which groups are pruned after pruning ``amount``; ``strict=False``: an amount
+        below what ``already`` prunes keeps it (masks only shrink) instead of raising."""
+        alive = [not a for a in already]
+        scores = self.scores(reduce, alive=alive)
+        layers: dict[str, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            layers.setdefault(g.layer, []).append(i)
+        pruned = list(already)
+        if scope == "layer":
+            counts = {}
+            for layer, idx in layers.items():
+                k = amount_to_count(amount, len(idx))
+                self._check_count(k, len(idx), layer, amount)
+                counts[layer] = k
+            for layer, idx in layers.items():
+                self._prune_lowest(pruned, idx, scores, counts[layer], strict)
+            return pruned
+        norm = scores.clone()
+        for idx in layers.values():
+            live = [i for i in idx if alive[i]]
+            mean = float(scores[live].mean()) if live else 0.0
+            norm[idx] = scores[idx] / mean if mean > 0 else 0.0
+        k = amount_to_count(amount, len(self.groups))
+        self._prune_lowest(pruned, list(range(len(self.groups))), norm, k, strict)
+        for layer, idx in layers.items():
+            if all(pruned[i] for i in idx):
+                raise ValueError(
+                    f"{amount=} with scope='global' would remove every group of layer {layer!r}"
+                )
+        return pruned
 
     @staticmethod
     def _check_count(k: int, total: int, layer: str, amount: float | int) -> None:
@@ -1016,10 +1034,14 @@ class DependencyGraph:
             raise ValueError(f"{amount=} would remove every group ({total}) of layer {layer!r}")
 
     @staticmethod
-    def _prune_lowest(pruned: list[bool], idx: list[int], scores: Tensor, k: int) -> None:
+    def _prune_lowest(
+        pruned: list[bool], idx: list[int], scores: Tensor, k: int, strict: bool = True
+    ) -> None:
         have = sum(pruned[i] for i in idx)
-        if k < have:
+        if k < have and strict:
             raise ValueError(f"amount asks for {k} pruned groups but {have} already are")
+        if k <= have:  # (not strict: masks only shrink, nothing more to prune)
+            return
         alive = sorted((i for i in idx if not pruned[i]), key=lambda i: (float(scores[i]), i))
         for i in alive[: k - have]:
             pruned[i] = True
@@ -1028,3 +1050,172 @@ class DependencyGraph:
         """Per traced element (channel): kept unless its group is pruned (for compaction)."""
         gone = {r for r, gi in self.group_of_root.items() if pruned[gi]}
         return [self.find(e) not in gone for e in range(len(self._parent))]
+
+
+class GroupPruner:
+    """Structured pruning of whole dependency groups, kept pruned while the model trains.
+
+    The groups of a :class:`DependencyGraph` (a channel with its bias and BatchNorm
+    entries and the next layers' input slices; coupled residual channels; attention
+    heads) are ranked by :meth:`DependencyGraph.scores` (``reduce``: by default each
+    member's squared L2 norm over the average of that kind of slice, averaged over the
+    members, so a group's size does not decide its rank). :meth:`prune_to` prunes the
+    lowest, and a :class:`prunekit.Pruner` whose targets are every member of every group
+    applies the masks and keeps them at zero through training (:meth:`attach`). Every
+    member of a pruned group is masked, so the masked model computes what
+    ``compact(model, example_input, pruner=group_pruner)`` computes.
+
+    Sparsity here counts **groups** (channels, heads): ``prune_to(0.5)`` leaves half of
+    each layer's groups (``scope="layer"``; a layer: the groups of the same producers) or
+    half of all groups, ranked together after dividing each score by its layer's mean
+    (``"global"``; no layer is emptied). Pruned groups stay pruned; an amount below what
+    is already pruned changes nothing. :meth:`sparsity` reports groups per layer,
+    :meth:`weight_sparsity` the masked weights.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> pruner = GroupPruner(model, torch.zeros(1, 4))
+    >>> pruner.prune_to(0.75)
+    >>> pruner.sparsity().fraction, int((model[0].weight.abs().sum(dim=1) > 0).sum())
+    (0.75, 2)
+    >>> int(model[0].bias.count_nonzero()) <= 2, int((model[2].weight.abs().sum(dim=0) > 0).sum()) <= 2
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Tensor | tuple[Tensor, ...],
+        *,
+        scope: str = "layer",
+        reduce: str = "normalized",
+        blocks_only: bool = False,
+    ) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
+        if reduce not in ("normalized", "mean", "sum"):
+            raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
+        self.graph = DependencyGraph(model, example_input, blocks_only=blocks_only)
+        if not self.graph.groups:
+            raise ValueError(
+                f"{type(model).__name__} has no prunable dependency group: every channel "
+                "reaches the output or is pinned (see DependencyGraph)"
+            )
+        self.model = model
+        self.scope = scope
+        self.reduce = reduce
+        self.pruner = Pruner(model, targets=self.graph.param_names)
+        self._layers: dict[str, list[int]] = {}
+        for i, g in enumerate(self.graph.groups):
+            self._layers.setdefault(g.layer, []).append(i)
+
+    # --------------------------------------------------------------- pruning
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The masks of every member parameter (the inner Pruner's, True = kept)."""
+        return self.pruner.masks
+
+    @property
+    def names(self) -> list[str]:
+        """Every parameter some group has a member in, in model order."""
+        return self.pruner.names
+
+    def pruned(self) -> list[bool]:
+        """Per group (``graph.groups`` order): pruned or not."""
+        return self.graph.pruned(self.pruner.masks)
+
+    def prune_to(self, sparsity: float | int) -> None:
+        """Prune the lowest-ranked groups until ``sparsity`` of them is pruned (a fraction,
+        or an int count per layer with ``scope="layer"``, of all groups with ``"global"``).
+        Everything is checked before any mask changes."""
+        if isinstance(sparsity, Mapping):
+            raise TypeError("GroupPruner.prune_to takes one fraction or count, not a mapping")
+        pruned = self.graph._select(sparsity, self.scope, self.pruned(), self.reduce, strict=False)
+        self.pruner.set_masks(self.graph.masks_for(pruned))
+
+    def sparsity(self) -> SparsityReport:
+        """Pruned groups per layer (groups of the same producers, named by the first)."""
+        pruned = self.pruned()
+        return SparsityReport(
+            tuple(
+                TargetSparsity(layer, len(idx), sum(pruned[i] for i in idx))
+                for layer, idx in self._layers.items()
+            )
+        )
+
+    def weight_sparsity(self) -> SparsityReport:
+        """Pruned entries of every member parameter (the inner Pruner's report)."""
+        return self.pruner.sparsity()
+
+    def describe(self) -> str:
+        """One line: groups, layers, and the member parameters."""
+        return (
+            f"{len(self.graph.groups)} dependency groups in {len(self._layers)} layers "
+            f"(scope={self.scope!r}, reduce={self.reduce!r}); members: {self.pruner.describe()}"
+        )
+
+    # ------------------------------------------------- the Pruner underneath
+    def attach(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        """Keep pruned members at zero through ``optimizer``'s steps (:meth:`Pruner.attach`)."""
+        self.pruner.attach(optimizer, **kwargs)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.pruner.optimizers
+
+    def apply_masks(self) -> None:
+        """Zero every pruned member in place (e.g. after rewinding weights)."""
+        self.pruner.apply_masks()
+
+    def remove(self) -> None:
+        """Detach all hooks; the zeros stay (:meth:`Pruner.remove`)."""
+        self.pruner.remove()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The inner Pruner's state plus what the groups were built with."""
+        return {
+            "kind": "groups",
+            "scope": self.scope,
+            "reduce": self.reduce,
+            "groups": len(self.graph.groups),
+            "pruner": self.pruner.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks saved by :meth:`state_dict`. A state of another kind, scope,
+        ranking or group count, or masks that prune part of a group, raise ``ValueError``
+        before anything changes."""
+        if not isinstance(state, Mapping) or state.get("kind") != "groups":
+            raise ValueError("state is not a GroupPruner state_dict (no kind='groups')")
+        mine = {"scope": self.scope, "reduce": self.reduce, "groups": len(self.graph.groups)}
+        differ = [k for k, v in mine.items() if state.get(k) != v]
+        if differ:
+            there = ", ".join(f"{k}={state.get(k)!r}" for k in differ)
+            here = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+            raise ValueError(f"state_dict was saved with {there}; this GroupPruner has {here}")
+        inner = state.get("pruner")
+        masks = _unpacked(inner)
+        if masks is not None and set(masks) == set(self.pruner.masks):
+            expected = self.graph.masks_for(self.graph.pruned(masks))
+            partial = [n for n in expected if not torch.equal(expected[n], masks[n])]
+            if partial:
+                raise ValueError(
+                    f"state_dict masks prune part of a dependency group in {partial[:4]}: "
+                    "not a GroupPruner's masks"
+                )
+        self.pruner.load_state_dict(inner)  # (checks the rest, before changing anything)
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupPruner({type(self.model).__name__}, groups={len(self.graph.groups)}, "
+            f"scope={self.scope!r}, reduce={self.reduce!r})"
+        )
+
+
+def _unpacked(state: Any) -> dict[str, Tensor] | None:
+    """The masks of a Pruner state_dict, or None when they do not unpack (the Pruner's
+    own load then says why)."""
+    try:
+        return {n: unpack_mask(e["packed"], tuple(e["shape"])) for n, e in state["masks"].items()}
+    except Exception:  # malformed: reported by Pruner.load_state_dict
+        return None
