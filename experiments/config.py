@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from prunekit.callbacks import Pruning
 from prunekit.experiments.data import data_shape, datamodule_from_config, list_datasets
 from prunekit.experiments.imports import import_object
 from prunekit.experiments.models import build_model, list_models
@@ -24,7 +25,7 @@ from prunekit.experiments.module import Classifier
 from prunekit.schedules import from_dict
 from torch import nn
 
-from prunekit import Pruner
+from prunekit import GroupPruner, Pruner
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,11 @@ class PruningConfig:
     targets: list[str] | None = _help(None, "parameter names or globs; null = all standard weights")
     exclude: list[str] = _help([], "parameter names or globs left dense")
     options: dict[str, Any] = _help({}, "options of the method, e.g. {n: 2, dim: 0}")
+    structure: str = _help(
+        "weights",
+        "weights (method decides) or groups: whole channel groups (GroupPruner; the schedule "
+        "counts channels; method/targets/exclude stay default; options: reduce) for compaction",
+    )
 
 
 @dataclass
@@ -320,6 +326,12 @@ def check_config(cfg: DictConfig) -> None:
             cfg.pruning.scope,
             "must be global or layer",
         )
+        check(
+            cfg.pruning.structure in ("weights", "groups"),
+            "pruning.structure",
+            cfg.pruning.structure,
+            "must be weights or groups",
+        )
         try:
             from_dict(OmegaConf.to_container(cfg.pruning.schedule))
         except (TypeError, ValueError) as e:
@@ -436,6 +448,22 @@ def _check_pruning(cfg: DictConfig) -> None:
         with torch.random.fork_rng(devices=[]):
             data = OmegaConf.to_container(cfg.data, resolve=True)
             shape, classes = data_shape(datamodule_from_config(data, cfg.seed))
+            if pruning.structure == "groups":  # (the Pruning callback's own checks, then the trace)
+                Pruning(
+                    lambda t: 0.0,
+                    structure="groups",
+                    targets=targets,
+                    exclude=list(pruning.exclude),
+                    method=pruning.method,
+                    options=OmegaConf.to_container(pruning.options),
+                )
+                GroupPruner(
+                    build_model(cfg.model, num_classes=classes, input_shape=shape),
+                    torch.zeros(1, *shape),
+                    scope=pruning.scope,
+                    **OmegaConf.to_container(pruning.options),
+                )
+                return
             Pruner(
                 build_model(cfg.model, num_classes=classes, input_shape=shape),
                 targets=targets,
