@@ -167,7 +167,7 @@ class OneShotConfig(ExperimentConfig):
 
 
 REWIND_MODES = ("init", "step", "lr", "finetune")
-CONTROLS = ("random_reinit", "random_prune")
+CONTROLS = ("random_reinit", "random_prune", "snip")
 
 
 @dataclass
@@ -184,7 +184,9 @@ class LotteryConfig(ExperimentConfig):
     rewind: str = _help("init", "init, step (late rewinding to rewind_step), lr or finetune")
     rewind_step: int = _help(0, "k for rewind=step: rewind to the weights after k steps")
     finetune_lr: float = _help(1e-4, "constant learning rate of rewind=finetune")
-    controls: list[str] = _help([], "also train each round's controls: random_reinit, random_prune")
+    controls: list[str] = _help(
+        [], "also train each round's controls: random_reinit, random_prune, snip (SNIP at init)"
+    )
 
 
 EVAL_SETS = ("test", "val")

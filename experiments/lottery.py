@@ -36,6 +36,15 @@ same training settings, reuse that round's mask:
   weights have no step-k optimizer state), at ``finetune_lr`` for rewind=finetune.
 - ``random_prune``: a random mask with exactly the lottery mask's per-layer counts
   (seed ``seed + 2000 + r``), started exactly as the lottery variant is.
+- ``snip``: a mask found at initialisation by SNIP (Lee et al. 2019, "SNIP: Single-shot
+  Network Pruning based on Connection Sensitivity"): connection sensitivity
+  ``|W * dL/dW|`` of the initial weights (``init.pt``) on one training batch
+  (``data.batch_size`` images, the first batch of epoch 0 in the seeded order; loss:
+  cross-entropy), ranked globally over all pruned weights, keeping exactly as many
+  weights as the lottery mask of the round (its per-layer counts are SNIP's own). The
+  engine's ``snip`` method computes it (``Pruner.calibrate`` then ``prune_to``). Trained
+  from the initial weights at step 0 with a fresh optimizer and the training's own
+  learning rate and schedule, whatever ``rewind`` says (that is what SNIP does).
 
 Everything lands in the run folder (:class:`~prunekit.experiments.paths.RunPaths`):
 ``config.yaml``, ``init.pt``, ``rewind.ckpt`` (rewind=step), per round and variant
@@ -60,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -112,7 +122,7 @@ def run_lottery(cfg: DictConfig) -> dict[str, Any]:
     invocation) and ``files`` (paths relative to the run folder).
 
     A record (``round_RR/VARIANT.json``; in the summary without ``evaluations``):
-    ``round``, ``variant`` (lottery, random_reinit, random_prune), ``remaining``
+    ``round``, ``variant`` (lottery, random_reinit, random_prune, snip), ``remaining``
     (fraction of the target weights kept), ``remaining_per_layer`` and
     ``kept_per_layer`` (fraction and count per weight, keyed ``fc1.weight``),
     ``test_acc_early_stop``, ``early_stop_step`` and ``val_loss_min`` (at the lowest
@@ -326,6 +336,8 @@ class _Run:
         assert lottery is not None
         if variant == "random_reinit":
             return lottery.masks
+        if variant == "snip":
+            return self.snip_masks(lottery.masks)
         return self.random_masks(r, lottery.masks)
 
     def magnitude_masks(self, r: int, weights: Weights, previous: Masks) -> Masks:
@@ -361,10 +373,20 @@ class _Run:
         pruner.prune_to({n: int(m.numel() - m.count_nonzero()) for n, m in like.items()})
         return _clone(pruner.masks)
 
+    def snip_masks(self, like: Masks) -> Masks:
+        """SNIP masks at initialisation keeping as many weights (in all) as ``like``."""
+        module = _module(self.cfg, seed=self.cfg.seed)
+        module.load_state_dict(self.initial)
+        pruner = Pruner(module, targets=self.names, method="snip", scope="global")
+        x, y = next(iter(self.dm.train_dataloader()))  # epoch 0's first batch (seeded order)
+        pruner.calibrate([(x, y)], loss_fn=lambda logits, batch: F.cross_entropy(logits, batch[1]))
+        pruner.prune_to(sum(int(m.numel() - m.count_nonzero()) for m in like.values()))
+        return _clone(pruner.masks)
+
     def _start(self, r: int, variant: str, previous: _Finished | None) -> _Start:
         cfg = self.cfg
         finetune_lr = cfg.finetune_lr if cfg.rewind == "finetune" else None
-        if r == 0:
+        if r == 0 or variant == "snip":
             return _Start(self.initial, what="the initial weights")
         assert previous is not None
         if variant == "random_reinit":

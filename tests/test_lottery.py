@@ -414,3 +414,53 @@ def test_layer_rates_accept_network_and_module_names(data_root: Path, tmp_path: 
     with lottery._Run.prepare(cfg) as run:
         rates = run.rates
     assert rates == {"model.fc3.weight": 0.1, "model.fc2.weight": 0.5, "model.fc1.weight": 0.1}
+
+
+# --------------------------------------------------------------------------- SNIP control
+def hand_snip_masks(cfg: DictConfig, keep: int) -> dict[str, torch.Tensor]:
+    """SNIP by hand: |W * dL/dW| of the initial weights on epoch 0's first training batch,
+    the ``keep`` highest over all three weights kept (torch.topk on the concatenation)."""
+    net = build_model("lenet_300_100")
+    net.load_state_dict(torch.load(RunPaths.for_config(cfg).initial_weights, weights_only=True))
+    x, y = next(iter(training.datamodule(cfg, cfg.seed).train_dataloader()))
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    params = [net.get_parameter(n) for n in WEIGHTS]
+    grads = torch.autograd.grad(loss, params)
+    scores = torch.cat([(p * g).abs().flatten() for p, g in zip(params, grads, strict=True)])
+    flat = torch.zeros_like(scores, dtype=torch.bool)
+    flat[torch.topk(scores, keep).indices] = True
+    masks, start = {}, 0
+    for name, p in zip(WEIGHTS, params, strict=True):
+        masks[name] = flat[start : start + p.numel()].view(p.shape)
+        start += p.numel()
+    return masks
+
+
+def test_snip_control_masks_at_init_trained_from_init(
+    data_root: Path, tmp_path: Path, probe: dict[str, Any]
+) -> None:
+    cfg = config(data_root, tmp_path, "controls=[snip]", "steps_per_round=20", "rewind=lr")
+    summary = lottery.run_lottery(cfg)
+    assert [(r["round"], r["variant"]) for r in summary["rounds"]] == [
+        (0, "lottery"),
+        (1, "lottery"),
+        (1, "snip"),
+        (2, "lottery"),
+        (2, "snip"),
+    ]
+    initial = torch.load(RunPaths.for_config(cfg).initial_weights, weights_only=True)
+    for r in (1, 2):
+        lottery_masks = state(cfg, r, "lottery")["masks"]
+        snip = state(cfg, r, "snip")["masks"]
+        keep = sum(counts(lottery_masks).values())
+        assert sum(counts(snip).values()) == keep  # the same sparsity in all
+        expected = hand_snip_masks(cfg, keep)
+        for name in WEIGHTS:
+            assert torch.equal(snip[name], expected[name]), name
+        assert counts(snip) != counts(lottery_masks)  # ranked globally, not per layer
+        start = probe[f"round_{r:02d}_snip"]
+        assert start["step"] == 0 and start["optimizer"]["state"] == {}
+        assert start["lr"] == cfg.train.lr
+        for name in WEIGHTS:  # from the initial weights (rewind=lr notwithstanding)
+            assert torch.equal(start["weights"][name], initial[name] * snip[name])
+    assert "snip" in lottery.lottery_table(summary)
