@@ -241,3 +241,132 @@ def test_bad_config_values_are_named(data: Path, tmp_path: Path, override: str, 
     with pytest.raises(ConfigError, match=named):
         load_config(OneShotConfig, CONFIG, [*overrides(tmp_path, data), override])
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- data-aware
+DATA_AWARE = ("magnitude", "wanda", "taylor", "wanda_row")
+VARIANT = "variants={wanda_row: {method: wanda, per_output: true, scope: layer}}"
+
+
+@pytest.fixture(scope="module")
+def data_aware(finished: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wanda, Taylor and per-row Wanda on the dense weights of ``finished`` (not retrained)."""
+    out = tmp_path_factory.mktemp("data_aware")
+    methods = f"methods=[{','.join(DATA_AWARE)}]"
+    extra = (f"dense.checkpoint={finished / 'dense.pt'}", methods, VARIANT, "sparsities=[0.5,0.9]")
+    assert run(out, data, *extra) == 0
+    return only_folder(out)
+
+
+def calibration_batches(data: Path, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` training batches of seed 0, as the runner's config draws them."""
+    config = {"name": "fashion_mnist", "root": str(data), "val_size": 100, "batch_size": 50}
+    dm = datamodule_from_config(config, 0)
+    dm.setup("fit")
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    raise AssertionError("too few batches")
+
+
+def hand_scores(model: torch.nn.Module, method: str, data: Path) -> dict[str, torch.Tensor]:
+    """Wanda: |W_ij| * ||X_j||_2 over the calibration inputs of each layer (Sun et al. 2024);
+    Taylor: |sum over batches of W * dL/dW| with the batch-mean cross-entropy (Molchanov et
+    al. 2019). LeNet-300-100 written out by hand: fc1 -> relu -> fc2 -> relu -> fc3."""
+    w = weights(model)
+    batches = calibration_batches(data)
+    if method == "wanda":
+        sq = {n: 0.0 for n in w}
+        with torch.no_grad():
+            for x, _ in batches:
+                h0 = x.flatten(1).double()
+                h1 = torch.relu(h0 @ w["fc1.weight"].double().T + model.fc1.bias.double())
+                h2 = torch.relu(h1 @ w["fc2.weight"].double().T + model.fc2.bias.double())
+                for name, h in (("fc1.weight", h0), ("fc2.weight", h1), ("fc3.weight", h2)):
+                    sq[name] = sq[name] + (h**2).sum(0)
+        return {n: w[n].abs().double() * sq[n].sqrt()[None, :] for n in w}
+    total = {n: torch.zeros_like(p) for n, p in w.items()}
+    for x, y in batches:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in w.items():
+            total[n] += p.detach() * p.grad
+    model.zero_grad()
+    return {n: t.abs().double() for n, t in total.items()}
+
+
+def hand_prune(model: torch.nn.Module, scores: dict[str, torch.Tensor], s: float, how: str) -> None:
+    """Zero the lowest scores: over all weights (global), per layer, or per output row."""
+    w = weights(model)
+    with torch.no_grad():
+        if how == "global":
+            flat = torch.cat([t.flatten() for t in scores.values()])
+            k = round(s * flat.numel())
+            threshold = torch.topk(flat, k, largest=False).values.max()
+            assert int((flat <= threshold).sum()) == k  # no ties at the threshold
+            for n, t in scores.items():
+                w[n][t <= threshold] = 0.0
+            return
+        for n, t in scores.items():
+            rows = t if how == "row" else t.flatten()[None, :]
+            k = round(s * rows.shape[1])
+            idx = torch.topk(rows, k, dim=1, largest=False).indices
+            w[n].view(rows.shape).scatter_(1, idx, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("label", "scope", "how"),
+    [
+        ("wanda", "global", "global"),
+        ("wanda", "layer", "layer"),
+        ("wanda_row", "layer", "row"),
+        ("taylor", "global", "global"),
+        ("taylor", "layer", "layer"),
+    ],
+)
+def test_data_aware_points_equal_hand_computed_scores(
+    finished: Path, data_aware: Path, data: Path, label: str, scope: str, how: str
+) -> None:
+    x, y = load_test_set(data)
+    summary = summary_of(data_aware)
+    assert summary["calibration_samples"] == 100  # 2 batches of 50
+    method = "wanda" if label == "wanda_row" else label
+    for s in (0.5, 0.9):
+        model = dense_model(finished)
+        hand_prune(model, hand_scores(dense_model(finished), method, data), s, how)
+        (record,) = [
+            r
+            for r in summary["results"]
+            if (r["method"], r["scope"], r["target_sparsity"]) == (label, scope, s)
+        ]
+        assert record["pruner_method"] == method
+        if how == "row":  # each row of 784 / 300 / 100 entries loses round(s * row) of them
+            pruned = sum(
+                rows * round(s * size) for rows, size in ((300, 784), (100, 300), (10, 100))
+            )
+        else:  # 266,200 * s and each layer's size * s are integers
+            pruned = round(s * 266_200)
+        assert record["sparsity"] == pruned / 266_200
+        assert record["test_acc"] == pytest.approx(hand_accuracy(model, x, y), abs=1e-12)
+
+
+def test_data_aware_masks_differ_from_magnitude(finished: Path, data: Path) -> None:
+    """The hand scores are not magnitude's ranking in disguise (else the test above could
+    pass with a runner that ignored the method)."""
+    for method in ("wanda", "taylor"):
+        a, b = dense_model(finished), dense_model(finished)
+        hand_prune(a, hand_scores(dense_model(finished), method, data), 0.5, "global")
+        hand_magnitude(b, 0.5, "global")
+        differing = sum(
+            int(((p == 0) != (q == 0)).sum())
+            for p, q in zip(weights(a).values(), weights(b).values(), strict=True)
+        )
+        assert differing > 1000, method
+
+
+def test_wanda_row_runs_only_in_layer_scope(data_aware: Path) -> None:
+    rows = [r for r in summary_of(data_aware)["results"] if r["method"] == "wanda_row"]
+    assert {r["scope"] for r in rows} == {"layer"} and len(rows) == 2
+    assert rows[0]["options"] == {"per_output": True}
