@@ -445,3 +445,32 @@ def test_per_target_methods_mix_with_a_global_ranking() -> None:
     reference = global_lowest({n: grads[n].abs() for n in WEIGHTS[:2]}, 0.5)
     assert all(torch.equal(pruner.masks[n], reference[n]) for n in WEIGHTS[:2])
     assert int((~pruner.masks["4.weight"]).sum()) == 6  # its own ranking: round(0.5 * 12)
+
+
+# ------------------------------------------------------- Lightning callback
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [("wanda", "global"), ("taylor", "global"), ("movement", "global"), ("snip", "layer"), ("activation", "layer")],
+)
+def test_the_pruning_callback_collects_statistics_while_training(method: str, scope: str) -> None:
+    from prunekit.callbacks import Pruning
+    from prunekit.schedules import Polynomial
+    from tests.lit_helpers import TinyNet, loader, trainer
+
+    seen: list[tuple[int, int]] = []
+    pruning = Pruning(
+        Polynomial(0.0, 0.5, begin=2, end=6, frequency=2),
+        method=method,
+        scope=scope,
+        on_update=lambda pruner, t: seen.append((t, pruner.sparsity().pruned)),
+    )
+    model = TinyNet()
+    trainer(max_steps=8, accumulate_grad_batches=2, callbacks=[pruning]).fit(model, loader())
+    assert pruning.pruner is not None
+    weights = [model.net[i].weight for i in (0, 2, 4)]
+    if method == "activation":  # whole output neurons, half of each layer's (round(0.5 * rows))
+        assert [int((~w.ne(0).any(1)).sum()) for w in weights] == [16, 8, 2]
+    else:
+        total = sum(w.numel() for w in weights)
+        assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * total)
+    assert [t for t, _ in seen] == [4, 6]  # (at t=2 the schedule is still at 0)
