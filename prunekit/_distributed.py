@@ -159,6 +159,57 @@ def like(full: Tensor, ref: Tensor) -> Tensor:
     )
 
 
+def place_mask(mask: Tensor, ref: Tensor, what: str = "mask") -> Tensor:
+    """A bool ``mask`` given for a target, laid out as the target's mask ``ref`` is.
+
+    For a sharded ``ref`` (DTensor), a whole (unsharded) mask becomes this rank's block of
+    it, after checking that every rank was given the same whole mask (a collective: every
+    rank must call; a mask that differs between ranks raises ``ValueError`` naming
+    ``what`` on every rank, rather than making a patchwork of blocks); a DTensor mask is
+    redistributed to ``ref``'s placements. For an unsharded ``ref``, a DTensor mask is
+    gathered whole. Nothing else is checked here (dtype and shape: the caller's).
+
+    >>> place_mask(torch.tensor([True, False]), torch.ones(2, dtype=torch.bool))
+    tensor([ True, False])
+    """
+    if not isinstance(ref, DTensor):
+        return (mask.full_tensor() if isinstance(mask, DTensor) else mask).to(ref.device)
+    if isinstance(mask, DTensor):
+        if mask.device_mesh != ref.device_mesh:
+            raise ValueError(f"{what} is a DTensor on another device mesh than its parameter's")
+        if mask.placements != ref.placements:
+            mask = mask.redistribute(ref.device_mesh, ref.placements)
+        return mask
+    if not same_on_every_rank(mask, Sharding.of([ref])):
+        raise ValueError(
+            f"{what} is a whole (unsharded) mask that differs between ranks; give every "
+            "rank the same whole mask, or a DTensor mask placed as the parameter"
+        )
+    return like(mask, ref)
+
+
+def same_on_every_rank(t: Tensor, sharding: Sharding | None) -> bool:
+    """Whether the bool tensor ``t`` is the same on every rank (by a 62-bit digest of its
+    True positions, and its shape; one all-reduce)."""
+    if sharding is None:
+        return True
+    flat = t.detach().reshape(-1).to(sharding.device)
+    pos = torch.arange(flat.numel(), dtype=torch.int64, device=flat.device)
+    # an odd-multiplier hash of each True position, summed (wrapping): equal on all ranks
+    # for equal masks; unequal masks collide with probability about 2**-62
+    digest = ((pos * 0x1E3779B97F4A7C15) ^ (pos >> 7)).mul_(0x2545F4914F6CDD1D)
+    value = torch.stack(
+        [
+            digest[flat].sum() & ((1 << 62) - 1),
+            flat.count_nonzero(),
+            torch.tensor(flat.numel(), device=flat.device),
+        ]
+    )
+    both = torch.cat([value, -value])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool((both[:3] == -both[3:]).all())
+
+
 def new_mask(param: Tensor) -> Tensor:
     """An all-True contiguous bool mask laid out as ``param`` is (a DTensor for a DTensor:
     each rank holds the mask of its own shard only)."""

@@ -57,12 +57,17 @@ class WideKeys:
 
     def keys(self, i: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """The chunk's keys and a bool flag per entry: whether its score is finite."""
-        x = self.flats[i][start:stop].to(torch.float64)
+        chunk = self.flats[i].narrow(0, start, stop - start)
+        x = torch.empty(chunk.shape, dtype=torch.float64, device=chunk.device)
+        # widens exactly (an add, not a copy: see tests/test_devices.py); + 0.0 makes
+        # -0.0 and 0.0 tie
+        torch.add(chunk, 0.0, out=x)
         finite = torch.isfinite(x)
-        x = x.abs() if self.magnitude else x + 0.0  # + 0.0: -0.0 and 0.0 tie
+        if self.magnitude:
+            x.abs_()
         key = x.view(torch.int64)
         if not self.magnitude:  # negative floats sort backwards: flip their other bits
-            key = key ^ (key >> 63).bitwise_and_(_LOW63)
+            key.bitwise_xor_(torch.bitwise_right_shift(key, 63).bitwise_and_(_LOW63))
         return key, finite
 
 
@@ -117,16 +122,17 @@ def select_lowest(
         hist = _Hist(_BINS + 1 + (len(flat_masks) if level == 0 else 0))
         for i, start, stop in chunks():
             key, finite = source.keys(i, start, stop)
-            part = flat_masks[i][start:stop]
+            part = flat_masks[i].narrow(0, start, stop - start)
             if level == 0:
                 # the top digit carries the sign: shifting it by 2**15 gives signed order
-                digit = (key >> shift).add_(_BINS // 2)
-                inside = part & finite
-                bad = part & ~finite
+                digit = torch.bitwise_right_shift(key, shift).add_(_BINS // 2)
+                inside = torch.logical_and(part, finite)
+                bad = torch.logical_and(part, finite.logical_not_())
             else:
-                digit = (key >> shift).bitwise_and_(_BINS - 1)
-                inside = part & ((key >> (shift + 16)) == prefix)
-            index = digit.masked_fill_(~inside, _EXCLUDED)
+                digit = torch.bitwise_right_shift(key, shift).bitwise_and_(_BINS - 1)
+                high = torch.bitwise_right_shift(key, shift + 16)
+                inside = torch.eq(high, prefix).logical_and_(part)
+            index = digit.masked_fill_(inside.logical_not_(), _EXCLUDED)
             if level == 0:
                 index = index.masked_fill_(bad, _EXCLUDED + 1 + i)
             hist.add(index)
@@ -145,7 +151,9 @@ def select_lowest(
         def tied_entries() -> Iterator[tuple[Tensor, Tensor]]:
             for i, start, stop in chunks():
                 key, _ = source.keys(i, start, stop)
-                chosen = flat_masks[i][start:stop] & (key == threshold)
+                chosen = torch.eq(key, threshold).logical_and_(
+                    flat_masks[i].narrow(0, start, stop - start)
+                )
                 yield layouts[i].index(start, stop, key.device).add_(bases[i]), chosen
 
         cut = _position_cut(tied_entries, bases[-1], need, sharded)
@@ -153,11 +161,12 @@ def select_lowest(
     # Last pass (every block, replicas too): clear below the threshold, and the ties.
     for i, start, stop in chunks(owned_only=False):
         key, _ = source.keys(i, start, stop)
-        part = flat_masks[i][start:stop]
+        part = flat_masks[i].narrow(0, start, stop - start)
         if need == tied:
-            part.logical_and_(key > threshold)
+            part.logical_and_(torch.gt(key, threshold))
             continue
-        part.logical_and_(key >= threshold)
+        part.logical_and_(torch.ge(key, threshold))
         if need:
             position = layouts[i].index(start, stop, key.device).add_(bases[i])
-            part.logical_and_(~((key == threshold) & (position <= cut)))
+            drop = torch.eq(key, threshold).logical_and_(position.le_(cut))
+            part.logical_and_(drop.logical_not_())

@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunekit import Pruner
+from prunekit._distributed import place_mask
 
 
 def make_model(ties: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -119,7 +120,20 @@ def set_full_masks(sharding: str, world: int) -> tuple[Any, Any]:
         outcome = f"{type(e).__name__}: {e}"
     outcomes: list[Any] = [None] * world
     dist.all_gather_object(outcomes, outcome if isinstance(outcome, str) else "ok")
-    return outcome, outcomes, full(single.masks)
+    # what set_masks does once it places each given mask with place_mask (the Pruner
+    # call-site change this helper is for), done here by hand
+    helped = Pruner(shard(copy.deepcopy(base), sharding, world))
+    helped.set_masks({n: place_mask(m, helped.masks[n], f"masks[{n!r}]") for n, m in given.items()})
+    # a whole mask that differs between ranks is refused on every rank, nothing changed
+    skewed = {n: m ^ (dist.get_rank() == 1) for n, m in given.items()}
+    refused: Any = None
+    try:
+        place_mask(skewed["0.weight"], helped.masks["0.weight"], "masks['0.weight']")
+    except ValueError as e:
+        refused = str(e)
+    refusals: list[Any] = [None] * world
+    dist.all_gather_object(refusals, refused)
+    return outcome, outcomes, full(single.masks), full(helped.masks), refusals
 
 
 def place(full_scores: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

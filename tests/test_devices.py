@@ -15,6 +15,7 @@ from prunekit import Pruner
 from prunekit._distributed import Layout
 from prunekit._masks import zero_pruned_
 from prunekit._select import CHUNK, MagnitudeKeys, RandomKeys, ScoreKeys, prune_lowest
+from prunekit._select_wide import key_source, select_lowest
 
 
 def reference_prune(keys: list[torch.Tensor], masks: list[torch.Tensor], k: int) -> list:
@@ -219,3 +220,113 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(capsys) -> None:
     assert g["pruned"] == 27_000 and g["exact"]
     assert s["pruned_stay_zero"] and s["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert "exact=True" in capsys.readouterr().out
+
+
+class HostAnsweringFakeMode(FakeTensorMode):
+    """FakeTensorMode whose host reads (``.item()``, ``bool()``) get a fixed answer
+    instead of raising: fake tensors hold no values, and the Pruner reads a few (is a
+    mask all True? the optimizer's step count). Bool reads answer False (so every mask
+    counts as pruned and the step hooks do their work), numbers 1. Everything else is
+    FakeTensorMode's, which raises on any op mixing devices."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_the_fake_mode_catches_device_mixing() -> None:
+    """The harness below can fail: a CPU mask on a fake CUDA weight raises."""
+    with HostAnsweringFakeMode(allow_non_fake_inputs=False):
+        weight = torch.randn(4, 8, device="cuda")
+        with pytest.raises(RuntimeError, match="device"):
+            zero_pruned_(weight, torch.ones(4, 8, dtype=torch.bool, device="cpu"))
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("cache_masks", [None, True])
+def test_pruner_step_hooks_end_to_end_on_fake_cuda(monkeypatch, optimizer, cache_masks) -> None:
+    """A Pruner on fake CUDA parameters (float32 and float64, so both the 32-bit and the
+    64-bit selection): prune_to, attach, the gradient hooks the Pruner registered, an
+    optimizer step with its post-step remask, the optimizer state cleared on a new
+    prune, sparsity() and apply_masks; no op mixes devices, every mask, gradient and
+    optimizer state stays on CUDA.
+
+    (Autograd itself cannot run fake CUDA on a CPU build: gradients are set by hand and
+    the parameters' post-accumulate-grad hooks called, as backward would.)"""
+    monkeypatch.setattr(select, "_host", fake_host)
+    monkeypatch.setattr(select, "DEVICE_CHUNK", 16)  # several chunks per tensor
+    with HostAnsweringFakeMode(allow_non_fake_inputs=False):
+        model = nn.Module()
+        model.a = nn.Parameter(torch.randn(4, 8, device="cuda"))
+        model.b = nn.Parameter(torch.randn(8, 3, device="cuda", dtype=torch.float64))
+        model.c = nn.Parameter(torch.randn(6, 5, device="cuda"))
+        pruner = Pruner(model, targets=["a", "b", "c"])
+        if optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pruner.attach(opt, cache_masks=cache_masks)
+        # global: float32 and float64 ranked together (64-bit keys). (A one-target
+        # prune would check the parameter for NaN with the "all finite" read, which this
+        # mode answers False.)
+        pruner.prune_to(0.5)
+        params = [model.a, model.b, model.c]
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", dtype=p.dtype)
+                hooks = list(p._post_accumulate_grad_hooks.values())
+                assert len(hooks) == 1  # the Pruner's gradient mask
+                hooks[0](p)
+            opt.step()  # the Pruner's post-step hook re-masks the weights
+            opt.zero_grad(set_to_none=False)
+            if step == 0:
+                pruner.prune_to(0.6)  # clears the optimizer state of newly pruned entries
+        pruner.apply_masks()
+        assert len(pruner.sparsity().targets) == 3
+        for name, p in zip("abc", params, strict=True):
+            assert p.device.type == "cuda" and pruner.masks[name].device.type == "cuda"
+            assert p.grad is not None and p.grad.device.type == "cuda"
+            for value in opt.state[p].values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    assert value.device.type == "cuda"
+        assert opt.state[model.a]  # the optimizer did step
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "float32_blind", "huge", "negative_scores"])
+def test_float64_selection_equals_sorted_reference(case: str) -> None:
+    """The 64-bit route (any float64 tensor in the ranking) against a sort in Python
+    floats: values only float64 tells apart, magnitudes past float32's range, signed
+    scores, ties (tensor order, then index); a float32 tensor ranked with them."""
+    g = torch.Generator().manual_seed(len(case))
+    shapes = [(301,), (17, 23), (5,)]
+    if case == "random":
+        ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    elif case == "ties":
+        ws = [torch.randint(-2, 3, s, generator=g).double() / 2 for s in shapes]
+    elif case == "float32_blind":  # 1 + j * 1e-12: one value in float32
+        ws = [1 + torch.randint(0, 3, s, generator=g).double() * 1e-12 for s in shapes]
+    elif case == "huge":
+        ws = [torch.randn(s, generator=g, dtype=torch.float64) * 1e300 for s in shapes]
+    else:
+        ws = [torch.randn(s, generator=g, dtype=torch.float64) * 3 - 1 for s in shapes]
+    ws[2] = ws[2].float().double() if case != "huge" else ws[2]
+    mixed = [ws[0], ws[1], ws[2].float()] if case != "huge" else ws  # float32 widened
+    masks = [torch.rand(s, generator=g) > 0.3 for s in shapes]
+    kept = sum(int(m.sum()) for m in masks)
+    magnitude = case != "negative_scores"
+    keys = [w.abs() for w in ws] if magnitude else ws
+    for k in (1, kept // 3, kept // 2 + 1, kept):
+        out = [m.clone() for m in masks]
+        select_lowest(key_source(mixed, magnitude=magnitude), out, k, ["a", "b", "c"])
+        for got, expected in zip(out, reference_prune(keys, masks, k), strict=True):
+            assert torch.equal(got, expected), (case, k)
+
+
+def test_float64_nan_refused_before_any_change() -> None:
+    ws = [torch.randn(40, dtype=torch.float64), torch.tensor([1.0, float("inf"), 2.0])]
+    masks = [torch.ones(40, dtype=torch.bool), torch.ones(3, dtype=torch.bool)]
+    with pytest.raises(ValueError, match="t1 holds NaN or inf"):
+        select_lowest(key_source(ws, magnitude=True), masks, 10, ["t0", "t1"])
+    assert all(bool(m.all()) for m in masks)

@@ -19,7 +19,7 @@ from prunekit import Pruner
 from tests.sharded_worker import make_model
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
-FAST_CASES = "global,ties,random,ln_cols"
+FAST_CASES = "global,ties,random,ln_cols,f64_global"
 
 
 def run_worker(
@@ -37,7 +37,7 @@ def run_worker(
 
 
 def check_cases(results: dict[str, Any], expected_cases: set[str]) -> None:
-    cases = {c for c in results if c not in ("trained", "loaded")}
+    cases = {c for c in results if c not in ("trained", "loaded", "nm_split", "set_full")}
     assert cases == expected_cases
     for case in cases:
         sharded, single, reported = results[case]
@@ -75,16 +75,79 @@ ALL = {
     "ln_inf",
     "random_rows",
     "nm",
+    "nm3",
+    "f64_global",
+    "f64_layer",
+    "f64_scores",
+    "f64_ln_rows",
+    "f64_ln_cols_inf",
 }
+TP_SKIP = {"ln_rows", "nm", "f64_ln_rows"}  # need whole rows: Shard(1) splits them
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("world", "sharding"), [(2, "fsdp"), (4, "fsdp"), (2, "tp"), (4, "tp")])
 def test_every_case(tmp_path: Path, world: int, sharding: str) -> None:
-    results = run_worker(tmp_path, world, sharding)
-    check_cases(results, ALL if sharding == "fsdp" else ALL - {"ln_rows", "nm"})
+    results = run_worker(tmp_path, world, sharding, cases=",".join(sorted(ALL)))
+    check_cases(results, ALL if sharding == "fsdp" else ALL - TP_SKIP)
     if sharding == "fsdp":
         check_trained(results)
+
+
+def check_split_groups_refused(results: dict[str, Any], world: int) -> None:
+    """N:M along Shard(1)'s dim with groups of 4 over 6 (2 ranks) or 3 (4 ranks) columns
+    per rank: every rank raises, naming m and the ranks that split a group (all of them
+    here), and no mask changed."""
+    outcomes = results["nm_split"]
+    assert len(outcomes) == world
+    for rank, (message, unchanged) in enumerate(outcomes):
+        assert "nm with m=4 along dim=1" in message, message
+        assert f"rank(s) {list(range(world))} split a group of 4" in message, message
+        width = 12 // world
+        assert f"holds entries {rank * width}..{rank * width + width - 1} of dim 1" in message
+        assert unchanged
+
+
+def check_whole_masks_placed(results: dict[str, Any], world: int) -> None:
+    """set_masks with whole masks on a sharded model. Through place_mask (the Pruner
+    call-site change it is written for) each rank keeps its block: the gathered masks
+    equal one process's; a whole mask that differs between ranks is refused on all."""
+    _, _, single, helped, refusals = results["set_full"]
+    for name, mask in single.items():
+        assert torch.equal(helped[name], mask), name
+    assert all(r is not None and "differs between ranks" in r for r in refusals), refusals
+    assert len(refusals) == world
+
+
+def test_tensor_parallel_split_groups_and_whole_masks(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 2, "tp", cases="nm_split,nm3,set_full")
+    check_cases(results, {"nm3"})
+    check_split_groups_refused(results, 2)
+    check_whole_masks_placed(results, 2)
+
+
+@pytest.mark.slow
+def test_split_groups_and_whole_masks_on_four_ranks(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 4, "tp", cases="nm_split,set_full")
+    check_split_groups_refused(results, 4)
+    check_whole_masks_placed(results, 4)
+    fsdp = run_worker(tmp_path / "fsdp", 4, "fsdp", cases="set_full")
+    check_whole_masks_placed(fsdp, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MISSING PIECE (prunekit/_pruner.py, not this file's owner's): Pruner.set_masks "
+    "must place each given mask with prunekit._distributed.place_mask(mask, self.masks[n], "
+    "f'masks[{n!r}]') instead of mask.to(self.masks[n].device); today a whole mask on a "
+    "sharded model raises torch's 'got mixed torch.Tensor and DTensor' RuntimeError",
+)
+def test_pruner_set_masks_takes_whole_masks_on_a_sharded_model(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 2, "fsdp", cases="set_full")
+    outcome, outcomes, single, _, _ = results["set_full"]
+    assert outcomes == ["ok", "ok"], outcomes
+    for name, mask in single.items():
+        assert torch.equal(outcome[name], mask), name
 
 
 @pytest.mark.slow
