@@ -295,3 +295,28 @@ def test_masks_that_do_not_fit_the_model_are_refused(data_root: Path, tmp_path: 
     torch.save({"fc1.weight": torch.ones(3, 3, dtype=torch.bool)}, path)
     with pytest.raises(ConfigError, match=r"'fc1.weight' has shape \(3, 3\)"):
         instability.run_instability(cfg)
+
+
+def test_command_prints_the_table_and_the_plot_path(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prunekit.experiments import cli
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("name: tiny\nsteps: 12\nrewind_steps: [0, 4]\nalphas: 3\n")
+    overrides = [
+        "data.batch_size=50",
+        "data.val_size=200",
+        f"data.root={data_root}",
+        "train.val_every=12",
+        f"out_dir={tmp_path / 'runs'}",
+    ]
+    assert cli.main(["instability", str(config_file), *overrides]) == 0
+    out = capsys.readouterr().out
+    plot = Path(out.split("plot: ")[1].split()[0])
+    assert plot.is_file() and plot.stat().st_size > 10_000 and plot.suffix == ".png"
+    assert "max error on path" in out and out.count(" pts") == 2
+    assert cli.main(["instability", str(config_file), *overrides, "--print-config"]) == 0
+    assert "rewind_steps" in capsys.readouterr().out
+    assert cli.main(["instability", str(config_file), *overrides, "alphas=1"]) == 2
+    assert "alphas=1 must be in [2, 1001]" in capsys.readouterr().err
