@@ -584,20 +584,23 @@ def outcome_table(outcomes: Sequence[Outcome]) -> str:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """While running children, a SIGTERM to this process stops them as Ctrl-C does."""
+    """While running children, SIGTERM or SIGHUP (a closed terminal) to this process stops
+    them as Ctrl-C does."""
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    caught = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in caught}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -767,7 +770,7 @@ def run_cluster(
         submitted.append(job)
         outcomes[i].job_id = str(job.job_id)
         outcomes[i].status = "submitted"
-        outcomes[i].log = Path(job.paths.stdout)
+        outcomes[i].log = Path(job.paths.stderr)
         print(
             f"[{i + 1}/{n}] submitted {spec.label}  job {job.job_id}  -> {spec.folder}",
             file=out,

@@ -320,7 +320,8 @@ def test_sigterm_to_the_parent_stops_the_children_too(tmp_path: Path) -> None:
     timer.start()
     (outcome,) = jobs.run_tasks([task], jobs=1, out=DEVNULL)
     assert outcome.status == "stopped"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
 # ------------------------------------------------------------------ identical to serial runs
@@ -414,3 +415,19 @@ def test_lottery_jobs_2_equals_serial(data: Path, tmp_path: Path) -> None:
             for key in x:
                 for name in x[key]:
                     assert torch.equal(x[key][name], y[key][name]), (state, key, name)
+
+
+@pytest.mark.slow
+def test_cluster_local_a_failing_job_is_named_and_the_others_finish(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("submitit", reason="the cluster extra: pip install 'prunekit[cluster]'")
+    missing = tmp_path / "no-data"
+    args = [*tiny(tmp_path / "runs", data), f"data.root={data},{missing}", "--cluster", "local"]
+    assert cli.main(["run", QUICK, *args]) == 1
+    captured = capsys.readouterr()
+    assert f"FAILED    data.root={missing}" in captured.out
+    assert f"1 of 2 runs did not finish: data.root={missing} (failed (job " in captured.err
+    assert "Fashion-MNIST folder not found" in Path(captured.err.split("log: ")[1][:-2]).read_text()
+    ok = [f for f in folders(tmp_path / "runs") if (f / "summary.json").is_file()]
+    assert len(ok) == 1 and "data.root-" in ok[0].name
