@@ -65,6 +65,7 @@ class _Target:
     norm_dim: int | None = None
     norm_of: str | None = None  # the weight_norm's weight, e.g. "0.weight"
     seen: tuple[Any, ...] = ()  # where the parameter's data was when last masked
+    transposed: bool = False  # stored (in, out) (HF Conv1D): output rows are its columns
 
 
 class _Attached(NamedTuple):
@@ -186,12 +187,17 @@ class Pruner:
             ``g * v / ||v||``, and a mask that would prune a whole slice of v (norm 0,
             NaN weight) is refused. Other parametrizations of a default layer raise
             unless excluded (their originals' zeros need not be the weight's).
-        method: the default method (``list_methods()``).
-        scope: ``"global"`` ranks all targets together (unstructured methods only)
-            except those whose mapping entry names another method or a ``sparsity`` of
-            its own: those reach their own amount separately (an entry that keeps the
-            default method, like ``{}`` or ``"magnitude"``, stays in the ranking);
-            ``"layer"`` brings each target to the sparsity separately.
+        method: the default method (``list_methods()``). Data-aware methods (``wanda``,
+            ``taylor``, ``snip``, ``movement``, ``activation``) rank by statistics the
+            Pruner collects while attached to an optimizer or in :meth:`calibrate`
+            (``prunekit._stats``); hooks exist only for methods that need them.
+        scope: ``"global"`` ranks all targets together (methods that rank entries: every
+            entry-level score, data-aware ones included) except those whose mapping
+            entry names another method, a ``sparsity`` of its own or options comparing
+            within rows (``per_output=True``): those reach their own amount separately
+            (an entry that keeps the default method, like ``{}`` or ``"magnitude"``,
+            stays in the ranking); ``"layer"`` brings each target to the sparsity
+            separately. Slice methods (structured, ``activation``) rank per tensor.
         exclude: names or globs removed from the targets.
         seed: seeds the random methods (identical on every rank under DDP).
         **options: options of the default method, e.g. ``n=1, dim=0``.
@@ -390,6 +396,7 @@ class Pruner:
         for name in transposed_weights(model, canonical) & set(resolved):
             t = resolved[name]  # (in, out) weights: `dim` counts as for Linear's (out, in)
             t.options = storage_options(get_method(t.method), t.options, t.param.ndim)
+            t.transposed = t.param.ndim == 2
         if not resolved:
             raise ValueError(
                 f"no parameter of {type(model).__name__} is left to prune "
@@ -682,7 +689,10 @@ class Pruner:
                     raise ValueError(
                         f"scores[{target.name!r}] has shape {tuple(score.shape)}, expected {tuple(param.shape)}"
                     )
-                new = rank_rows(param, amount, score, mask)
+                if target.transposed:  # rows of outputs are the columns of an (in, out) weight
+                    new = rank_rows(param.T, amount, score.T, mask.T).T
+                else:
+                    new = rank_rows(param, amount, score, mask)
             return self._checked(spec, target.name, new, mask)
         if score is not None:
             kwargs["scores"] = score
@@ -715,7 +725,7 @@ class Pruner:
                 f"method={spec.name!r} returned a mask of shape {tuple(new.shape)} for {name}, "
                 f"expected {tuple(mask.shape)}"
             )
-        return new.to(local(mask).device) & mask
+        return (new.to(local(mask).device) & mask).contiguous()
 
     def calibrate(
         self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor] | None = None

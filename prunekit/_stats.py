@@ -39,6 +39,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from prunekit._targets import output_dim
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SUPPORTED = (nn.Linear, *_CONVS)
 _STATE_FORMAT = 1
@@ -88,9 +90,9 @@ class _Site:
         if "inputs" in self.needs:
             assert self.module is not None
             width = (
-                self.module.in_features
-                if isinstance(self.module, nn.Linear)
-                else self.module.in_channels
+                self.module.in_channels
+                if isinstance(self.module, _CONVS)
+                else self.param.shape[_in_dim(self.module)]
             )
             out["inputs_sq"] = ((width,), torch.float64)
         if "grads" in self.needs:
@@ -113,7 +115,18 @@ class _Site:
                 )
 
 
-def owner(model: nn.Module, name: str, param: Tensor) -> nn.Module:
+def _in_dim(module: nn.Module) -> int:
+    """The dim of a matrix weight holding input features: 1 for Linear's (out, in), 0 for
+    an (in, out) layout such as Hugging Face's ``Conv1D``."""
+    return 0 if output_dim(module) == 1 else 1
+
+
+def _is_matrix(module: nn.Module) -> bool:
+    """A module computing ``x @ W.T`` (Linear) or ``x @ W`` (HF ``Conv1D``) on the last dim."""
+    return isinstance(module, nn.Linear) or output_dim(module) == 1
+
+
+def owner(model: nn.Module, name: str, param: Tensor, needs: set[str] | None = None) -> nn.Module:
     """The module whose ``weight`` is ``param`` (the module activation statistics hook)."""
     path, _, attr = name.rpartition(".")
     module = model.get_submodule(path) if path else model
@@ -122,10 +135,13 @@ def owner(model: nn.Module, name: str, param: Tensor) -> nn.Module:
             f"{name} is not the weight of a module, so its inputs/outputs cannot be "
             "observed; activation statistics need a Linear or Conv1d/2d/3d weight"
         )
-    if not isinstance(module, _SUPPORTED):
+    if not isinstance(module, _SUPPORTED) and not (
+        _is_matrix(module) and "outputs" not in (needs or set())
+    ):
         raise NotImplementedError(
             f"{name} belongs to a {type(module).__name__}; activation statistics are "
-            "collected for Linear and Conv1d/2d/3d weights only"
+            "collected for Linear and Conv1d/2d/3d weights (input statistics also for "
+            "Hugging Face Conv1D) only"
         )
     users = [m for m in model.modules() if getattr(m, "weight", None) is param]
     if len(users) != 1:
@@ -152,7 +168,7 @@ class Statistics:
             module = None
             if wanted & {"inputs", "outputs"}:
                 try:
-                    module = owner(model, name, param)
+                    module = owner(model, name, param, wanted)
                 except NotImplementedError as e:
                     raise NotImplementedError(f"method={method!r}: {e}") from None
             if hasattr(param, "device_mesh"):
@@ -235,7 +251,7 @@ class Statistics:
                 return
             with torch.no_grad():
                 x = x.detach()
-                if isinstance(module, nn.Linear):
+                if _is_matrix(module):
                     flat = x.reshape(-1, x.shape[-1]).float()
                     sq, rows = flat.square().sum(0), flat.shape[0]
                 else:
@@ -433,8 +449,8 @@ def _broadcast_norm(site: _Site, norm: Tensor) -> Tensor:
     """Per-input-feature norms shaped to broadcast against the weight."""
     module, weight = site.module, site.param
     norm = norm.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    if isinstance(module, nn.Linear):
-        return norm.view(1, -1)
+    if _is_matrix(module):
+        return norm.view(-1, 1) if _in_dim(module) == 0 else norm.view(1, -1)
     groups = module.groups
     tail = [1] * (weight.ndim - 2)
     if groups == 1:

@@ -32,7 +32,12 @@ def main() -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     record: dict[str, dict[str, list]] = {}
     mine = data(100 + rank)
-    for method, scope in (("wanda", "global"), ("taylor", "global"), ("snip", "global"), ("activation", "layer")):
+    for method, scope in (
+        ("wanda", "global"),
+        ("taylor", "global"),
+        ("snip", "global"),
+        ("activation", "layer"),
+    ):
         model = net()
         pruner = Pruner(model, method=method, scope=scope)
         pruner.calibrate([mine], sum_loss)
@@ -53,7 +58,9 @@ def main() -> None:
     state = pruner.state_dict()  # all-reduces the statistics: every rank calls it
     pruner.prune_to(0.7)
     record["movement"] = {n: m.tolist() for n, m in pruner.masks.items()}
-    record["movement_state_backwards"] = {n: e["counts"]["backwards"] for n, e in state["stats"]["targets"].items()}
+    record["movement_state_backwards"] = {
+        n: e["counts"]["backwards"] for n, e in state["stats"]["targets"].items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()

@@ -450,11 +450,18 @@ def test_per_target_methods_mix_with_a_global_ranking() -> None:
 # ------------------------------------------------------- Lightning callback
 @pytest.mark.parametrize(
     ("method", "scope"),
-    [("wanda", "global"), ("taylor", "global"), ("movement", "global"), ("snip", "layer"), ("activation", "layer")],
+    [
+        ("wanda", "global"),
+        ("taylor", "global"),
+        ("movement", "global"),
+        ("snip", "layer"),
+        ("activation", "layer"),
+    ],
 )
 def test_the_pruning_callback_collects_statistics_while_training(method: str, scope: str) -> None:
     from prunekit.callbacks import Pruning
     from prunekit.schedules import Polynomial
+
     from tests.lit_helpers import TinyNet, loader, trainer
 
     seen: list[tuple[int, int]] = []
@@ -474,3 +481,25 @@ def test_the_pruning_callback_collects_statistics_while_training(method: str, sc
         total = sum(w.numel() for w in weights)
         assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * total)
     assert [t for t, _ in seen] == [4, 6]  # (at t=2 the schedule is still at 0)
+
+
+def test_wanda_on_hugging_face_conv1d_uses_its_in_out_layout() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(4, 6)  # weight (in=6, out=4): x @ W
+    x = torch.randn(3, 5, 6) * torch.linspace(0.1, 3.0, 6)
+    norm = x.reshape(-1, 6).square().sum(0).sqrt()
+    score = layer.weight.detach().abs() * norm.view(6, 1)
+    pruner = Pruner(copy.deepcopy(layer), method="wanda", targets=["weight"])
+    pruner.calibrate([x])
+    pruner.prune_to(0.5)
+    assert torch.equal(pruner.masks["weight"], lowest(score, 12))
+    per_output = Pruner(layer, method="wanda", targets=["weight"], scope="layer", per_output=True)
+    per_output.calibrate([x])
+    per_output.prune_to(0.5)
+    expected = torch.stack([lowest(score[:, o], 3) for o in range(4)], dim=1)  # per output column
+    assert torch.equal(per_output.masks["weight"], expected)
+    assert per_output.masks["weight"].is_contiguous()
+    with pytest.raises(NotImplementedError, match="Conv1D"):
+        Pruner(layer, method="activation", targets=["weight"], scope="layer")

@@ -36,11 +36,15 @@ def data(seed: int, rows: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 5, generator=g), torch.randint(0, 3, (rows,), generator=g)
 
 
-def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "sum") -> torch.Tensor:
+def loss_of(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "sum"
+) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction=reduction)
 
 
-def by_hand(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "sum") -> dict[str, torch.Tensor]:
+def by_hand(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], reduction: str = "sum"
+) -> dict[str, torch.Tensor]:
     """W * dL/dW of one backward on ``batch``, by autograd on a copy."""
     twin = copy.deepcopy(model)
     params = [twin.get_parameter(n) for n in WEIGHTS]
@@ -155,7 +159,11 @@ def test_resume_mid_accumulation_gives_the_masks_of_an_uninterrupted_run(method:
         for step in range(6):
             if step == stop_at:  # save everything, rebuild from scratch, load
                 saved = copy.deepcopy(
-                    {"model": model.state_dict(), "opt": optimizer.state_dict(), "pruner": pruner.state_dict()}
+                    {
+                        "model": model.state_dict(),
+                        "opt": optimizer.state_dict(),
+                        "pruner": pruner.state_dict(),
+                    }
                 )
                 pruner.remove()
                 model = net(seed=99)
@@ -186,10 +194,15 @@ def test_load_state_dict_checks_statistics_before_changing_anything() -> None:
     bad = copy.deepcopy(state)
     bad["stats"]["targets"]["0.weight"]["values"]["grads"] = torch.zeros(2, 2)
     bad["masks"]["0.weight"]["packed"] = state["masks"]["0.weight"]["packed"]
-    with pytest.raises(ValueError, match=r"stats\['0\.weight'\]\['grads'\] must be a float tensor of shape \(4, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"stats\['0\.weight'\]\['grads'\] must be a float tensor of shape \(4, 5\)",
+    ):
         other.load_state_dict(bad)
     assert other._stats.reduced(["0.weight"])["0.weight"].backwards == 0
-    with pytest.raises(ValueError, match="collected for method='movement', this target uses method='taylor'"):
+    with pytest.raises(
+        ValueError, match="collected for method='movement', this target uses method='taylor'"
+    ):
         Pruner(net(), method="taylor").load_state_dict(state)
     other.load_state_dict(state)
     assert other._stats.reduced(["0.weight"])["0.weight"].backwards == 1
@@ -205,7 +218,9 @@ def test_a_deep_copy_collects_for_its_own_model() -> None:
     assert pruner._stats.reduced(["0.weight"])["0.weight"].rows == 4
     assert twin._stats.reduced(["0.weight"])["0.weight"].rows == 8
     expected = torch.cat([data(1)[0], data(2)[0] * 10]).square().sum(0).sqrt()
-    torch.testing.assert_close(twin._stats.reduced(["0.weight"])["0.weight"].input_norm.view(-1), expected)
+    torch.testing.assert_close(
+        twin._stats.reduced(["0.weight"])["0.weight"].input_norm.view(-1), expected
+    )
 
 
 # ------------------------------------------------------------------- DDP
@@ -217,7 +232,12 @@ def _free_port() -> int:
 
 def test_ddp_statistics_are_summed_across_ranks_and_masks_identical(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(tmp_path), str(rank), "2"],
@@ -242,7 +262,12 @@ def test_ddp_statistics_are_summed_across_ranks_and_masks_identical(tmp_path: Pa
         norms["0.weight"] = h.square().sum(0).sqrt()
         norms["2.weight"] = torch.tanh(model[0](h)).square().sum(0).sqrt()
     wanda = {n: model.get_parameter(n).detach().abs() * norms[n] for n in WEIGHTS}
-    taylor = {n: v.abs() for n, v in by_hand(model, (torch.cat(xs), torch.cat([data(100 + r)[1] for r in range(2)]))).items()}
+    taylor = {
+        n: v.abs()
+        for n, v in by_hand(
+            model, (torch.cat(xs), torch.cat([data(100 + r)[1] for r in range(2)]))
+        ).items()
+    }
     for method, scores in (("wanda", wanda), ("taylor", taylor)):
         flat = torch.cat([scores[n].flatten() for n in WEIGHTS])
         k = round(0.5 * flat.numel())
