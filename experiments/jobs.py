@@ -13,7 +13,7 @@ brackets, braces or quotes do not split (``controls=[random_reinit,random_prune]
 value, ``'controls=[random_reinit],[random_prune]'`` two). Every run of a sweep keeps its
 own run folder as a single run would (``out_dir/<name>-<hash>``). A swept key other than
 ``seed`` (and the keys that are not part of a run folder's identity, ``out_dir``,
-``rounds``, ``checkpoint_every``) is added to the run's name, ``quick_train.lr-0.01``, so
+``rounds``, ``checkpoint_every``) is added to the run's name (``quick-gradual_train.lr-0.01``) so
 that ``prunekit report`` keeps variants apart and pools only seeds. Two runs that would
 share a folder, or share a name without differing only in their seed, are refused before
 anything starts.
@@ -492,9 +492,9 @@ def main(args: Any, out: TextIO | None = None) -> int | None:
             file=out,
             flush=True,
         )
-        if jobs * threads > cores:
+        if min(jobs, len(specs)) * threads > cores:
             print(
-                f"note: --jobs {jobs} x --threads {threads} > {cores} cores: runs will "
+                f"note: {min(jobs, len(specs))} runs x --threads {threads} > {cores} cores: runs will "
                 "compete for the cores",
                 file=out,
                 flush=True,
@@ -510,15 +510,17 @@ def _finish(
 ) -> int:
     print("\n" + outcome_table(outcomes), file=out, flush=True)
     done = [o.folder for o in outcomes if o.status == "finished" and o.folder is not None]
-    if done and all(o.status in ("finished", "submitted") for o in outcomes) and len(done) > 1:
+    if len(done) > 1:  # the finished ones, compared (a failed run has no summary.json)
         from prunekit.experiments import report
 
         try:
             print("\n" + report.compare([str(f) for f in done]), file=out, flush=True)
         except (ValueError, KeyError, OSError, RunFolderError) as e:
             print(f"\n(prunekit report over the run folders failed: {e})", file=out)
-    folders = " ".join(str(s.folder) for s in specs)
-    print(f"\ncompare them: prunekit report {folders}", file=out, flush=True)
+    listed = [o.folder for o in outcomes if o.status in ("finished", "submitted") and o.folder]
+    if listed:
+        folders = " ".join(str(f) for f in listed)
+        print(f"\ncompare them: prunekit report {folders}", file=out, flush=True)
     bad = [o for o in outcomes if o.status not in ("finished", "submitted")]
     if not bad:
         return 0
@@ -641,7 +643,12 @@ def run_tasks(
             while pending or running:
                 while pending and len(running) < jobs:
                     i = pending.pop(0)
-                    running[i] = (_start(tasks[i]), time.monotonic())
+                    try:
+                        running[i] = (_start(tasks[i]), time.monotonic())
+                    except OSError as e:  # e.g. its log cannot be written: it alone fails
+                        outcomes[i].status = f"failed (not started: {e})"
+                        say(i, f"FAILED    {tasks[i].label}  (not started: {e})")
+                        continue
                     outcomes[i].status = "running"
                     say(
                         i,
@@ -677,6 +684,9 @@ def run_tasks(
                 outcomes[i].status = "stopped"
                 outcomes[i].seconds = time.monotonic() - started
                 say(i, f"stopped   {tasks[i].label}")
+        except BaseException:  # a bug here must not leave children running
+            _stop([proc for proc, _ in running.values()])
+            raise
     return outcomes
 
 
@@ -697,6 +707,9 @@ def _start(task: Task) -> subprocess.Popen[bytes]:
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a 2nd Ctrl-C: stop them all
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -708,6 +721,8 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------ cluster

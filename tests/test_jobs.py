@@ -257,6 +257,17 @@ def test_at_most_jobs_children_at_a_time_and_a_failure_stops_no_other(tmp_path: 
     assert peak == 2
 
 
+def test_a_child_that_cannot_start_fails_alone(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")  # its log folder is a file: the log cannot be opened
+    tasks = [
+        jobs.Task("blocked", [sys.executable, "-c", "pass"], tmp_path / "file" / "job.log"),
+        jobs.Task("ok", [sys.executable, "-c", "pass"], tmp_path / "ok.log"),
+    ]
+    blocked, ok = jobs.run_tasks(tasks, jobs=1, out=DEVNULL)
+    assert blocked.status.startswith("failed (not started: ")
+    assert ok.status == "finished"
+
+
 def test_exit_status_and_message_name_the_failed_run(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
