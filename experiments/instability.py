@@ -81,6 +81,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DataOrder",
+    "combine",
+    "combined_table",
     "instability",
     "instability_table",
     "interpolate",
@@ -601,6 +603,76 @@ def plot_instability(summaries: Sequence[Mapping[str, Any]], path: Path) -> Path
     return path
 
 
+def combined_table(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """Instability per k over several runs (seeds): mean ± sample std (n − 1) and each
+    run's value, in percentage points; the error at the path's ends averaged too.
+
+    >>> runs = [{"name": "d", "seed": s, "results": [{"k": 0, "instability": v,
+    ...          "endpoint_errors": [0.1, 0.12]}]} for s, v in ((0, 0.01), (1, 0.03))]
+    >>> print(combined_table(runs))
+    d: 2 runs (seeds 0, 1); instability in points, mean ± sample std (n - 1)
+    k  ends' error  instability     per run
+    -  -----------  -----------  ----------
+    0       11.00%  2.00 ± 1.41  1.00, 3.00
+    """
+    if not summaries:
+        raise ValueError("summaries is empty")
+    ks = [r["k"] for r in summaries[0]["results"]]
+    if any([r["k"] for r in s["results"]] != ks for s in summaries[1:]):
+        raise ValueError("the runs have other k's: combine runs of one config (other seeds)")
+    headers = ("k", "ends' error", "instability", "per run")
+    rows = []
+    for i, k in enumerate(ks):
+        values = [100 * s["results"][i]["instability"] for s in summaries]
+        ends = [100 * e for s in summaries for e in s["results"][i]["endpoint_errors"]]
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        rows.append(
+            (
+                str(k),
+                f"{statistics.fmean(ends):.2f}%",
+                f"{statistics.fmean(values):.2f}{spread}",
+                ", ".join(f"{v:.2f}" for v in values),
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    names = ", ".join(sorted({s["name"] for s in summaries}))
+    seeds = ", ".join(str(s["seed"]) for s in summaries)
+    title = (
+        f"{names}: {len(summaries)} runs (seeds {seeds}); instability in points, "
+        "mean ± sample std (n - 1)"
+    )
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join(
+        [title, line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+    )
+
+
+def combine(run_dirs: Sequence[str | Path], plot: Path | None = None) -> str:
+    """The combined table of finished instability runs (the seeds of one config), and
+    with ``plot`` their mean path errors and instabilities drawn there.
+
+    From the shell: ``python -m prunekit.experiments.instability --plot out.png RUN...``.
+    """
+    summaries = []
+    for run in run_dirs:
+        path = RunPaths(Path(run)).summary
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{run} has no summary.json (not an instability run, or not finished)"
+            )
+        summary = read_json(path)
+        if summary.get("kind") != "instability":
+            raise ValueError(f"{run} is not an instability run (kind={summary.get('kind')!r})")
+        summaries.append(summary)
+    text = combined_table(summaries)
+    if plot is not None:
+        text += f"\n\nplot: {plot_instability(summaries, Path(plot))}"
+    return text
+
+
 # --------------------------------------------------------------------------- the command
 def main(args: argparse.Namespace) -> int:
     """``prunekit instability CONFIG [key=value ...]`` (called by the ``prunekit`` command)."""
@@ -620,3 +692,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nplot: {plot}")
     print(f"run folder: {run}")
     return 0
+
+
+if __name__ == "__main__":  # python -m prunekit.experiments.instability [--plot P] RUN...
+    parser = argparse.ArgumentParser(
+        prog="python -m prunekit.experiments.instability",
+        description="combine finished instability runs (seeds): table and plot",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders of one config")
+    parser.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
+    cli_args = parser.parse_args()
+    print(combine(cli_args.runs, cli_args.plot))

@@ -320,3 +320,22 @@ def test_command_prints_the_table_and_the_plot_path(
     assert "rewind_steps" in capsys.readouterr().out
     assert cli.main(["instability", str(config_file), *overrides, "alphas=1"]) == 2
     assert "alphas=1 must be in [2, 1001]" in capsys.readouterr().err
+
+
+def test_combined_seeds_mean_and_sample_std(dense_run: Any, tmp_path: Path) -> None:
+    _, summary, _ = dense_run
+    runs = []
+    for seed, values in enumerate(((0.01, 0.0), (0.02, 0.0), (0.06, 0.0))):
+        run = json.loads(json.dumps(summary))  # a copy
+        run["seed"] = seed
+        for result, value in zip(run["results"], values, strict=True):
+            result["instability"] = value
+        runs.append(run)
+    table = instability.combined_table(runs)
+    # k = 0: 1, 2 and 6 points: mean 3, sample std sqrt((4 + 1 + 9) / 2) = sqrt(7)
+    assert "3.00 ± 2.65  1.00, 2.00, 6.00" in table.splitlines()[3]
+    assert "0.00 ± 0.00" in table.splitlines()[4]
+    plot = instability.plot_instability(runs, tmp_path / "three.png")
+    assert plot.is_file() and plot.stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match=r"has no summary\.json"):
+        instability.combine([tmp_path])
