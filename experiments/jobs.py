@@ -525,7 +525,10 @@ def _finish(
     if not bad:
         return 0
     stopped = any(o.status in ("stopped", "not started", "cancelled") for o in outcomes)
-    names = "; ".join(f"{o.label} ({o.status}{f', log: {o.log}' if o.log else ''})" for o in bad)
+    names = "; ".join(
+        f"{o.label} ({o.status}{f', log: {o.log}' if o.log and o.log.exists() else ''})"
+        for o in bad
+    )
     print(
         f"prunekit {command}: {len(bad)} of {len(outcomes)} runs did not finish: {names}",
         file=sys.stderr,
