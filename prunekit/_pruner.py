@@ -526,7 +526,8 @@ class Pruner:
             }
             group = [n for n, t in self._targets.items() if self._ranked_globally(t)]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
-        stats = self._gather_stats([n for n in self._targets if n in amounts])
+        # (targets given scores by the caller need no statistics)
+        stats = self._gather_stats([n for n in self._targets if n in amounts and n not in scores])
         plan = _Plan(updated=list(amounts))
         if group:
             plan.selections.append(self._selection(group, sparsity, scores, generator, stats))

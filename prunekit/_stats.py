@@ -22,6 +22,10 @@ targets' methods need, and only while hooked (attached to an optimizer, or insid
     ``sum |y_c|`` and the count of ``y_c > 0`` over every output position, and the number
     of positions; a forward hook. Two float64 per output channel.
 
+With AMP loss scaling (``GradScaler``) the gradients a hook sees are scaled: ``grads``
+then holds scaled values (an overflowing step makes it non-finite, and ``prune_to``
+refuses it, naming the method); unscaled losses are exact.
+
 Forward statistics count forwards of modules in training mode (``module.training``), and
 every forward inside ``calibrate``; evaluation passes of a training loop are not
 counted. Under ``torch.distributed`` (DDP) every rank collects its own; they are summed

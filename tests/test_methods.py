@@ -503,3 +503,15 @@ def test_wanda_on_hugging_face_conv1d_uses_its_in_out_layout() -> None:
     assert per_output.masks["weight"].is_contiguous()
     with pytest.raises(NotImplementedError, match="Conv1D"):
         Pruner(layer, method="activation", targets=["weight"], scope="layer")
+
+
+def test_caller_scores_need_no_statistics() -> None:
+    model = mlp()
+    scores = {
+        n: torch.rand(model.get_parameter(n).shape, generator=torch.Generator().manual_seed(i))
+        for i, n in enumerate(WEIGHTS)
+    }
+    pruner = Pruner(model, method="taylor")
+    pruner.prune_to(0.5, scores=scores)  # nothing collected: the given scores rank
+    reference = global_lowest(scores, 0.5)
+    assert all(torch.equal(pruner.masks[n], reference[n]) for n in WEIGHTS)
