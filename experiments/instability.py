@@ -81,6 +81,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "DataOrder",
+    "barrier_above_line",
     "combine",
     "combined_table",
     "instability",
@@ -136,6 +137,24 @@ def instability(errors: Sequence[float]) -> float:
     if len(errors) < 2:
         raise ValueError(f"errors={list(errors)!r}: need the path's two ends at least")
     return round(max(errors) - (errors[0] + errors[-1]) / 2, 12)
+
+
+def barrier_above_line(alphas: Sequence[float], errors: Sequence[float]) -> float:
+    """The largest rise of the path's error above the straight line between its ends,
+    ``max_α error(α) − ((1 − α)·error(0) + α·error(1))`` (0 when the path never rises
+    above it). Unlike :func:`instability` it does not count half the gap between the two
+    ends, which is what the instability of a convex (barrier-free) path measures.
+
+    >>> barrier_above_line([0.0, 0.5, 1.0], [0.10, 0.12, 0.30])
+    0.0
+    >>> barrier_above_line([0.0, 0.5, 1.0], [0.10, 0.25, 0.20])
+    0.1
+    """
+    if len(alphas) != len(errors) or len(errors) < 2:
+        raise ValueError("alphas and errors must have the same length, at least 2")
+    e0, e1 = errors[0], errors[-1]
+    rise = max(e - ((1 - a) * e0 + a * e1) for a, e in zip(alphas, errors, strict=True))
+    return round(max(rise, 0.0), 12)
 
 
 @torch.no_grad()
@@ -605,33 +624,39 @@ def plot_instability(summaries: Sequence[Mapping[str, Any]], path: Path) -> Path
 
 def combined_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     """Instability per k over several runs (seeds): mean ± sample std (n − 1) and each
-    run's value, in percentage points; the error at the path's ends averaged too.
+    run's value, in percentage points; the error at the path's ends averaged, and
+    :func:`barrier_above_line` (mean ± sample std) too.
 
-    >>> runs = [{"name": "d", "seed": s, "results": [{"k": 0, "instability": v,
-    ...          "endpoint_errors": [0.1, 0.12]}]} for s, v in ((0, 0.01), (1, 0.03))]
-    >>> print(combined_table(runs))
+    >>> def run(seed, errors):
+    ...     result = {"k": 0, "alphas": [0.0, 0.5, 1.0], "errors": errors,
+    ...               "endpoint_errors": [errors[0], errors[-1]],
+    ...               "instability": instability(errors)}
+    ...     return {"name": "d", "seed": seed, "results": [result]}
+    >>> print(combined_table([run(0, [0.1, 0.11, 0.12]), run(1, [0.1, 0.14, 0.12])]))
     d: 2 runs (seeds 0, 1); instability in points, mean ± sample std (n - 1)
-    k  ends' error  instability     per run
-    -  -----------  -----------  ----------
-    0       11.00%  2.00 ± 1.41  1.00, 3.00
+    k  ends' error  instability     per run  above the line
+    -  -----------  -----------  ----------  --------------
+    0       11.00%  2.00 ± 1.41  1.00, 3.00     1.50 ± 2.12
     """
     if not summaries:
         raise ValueError("summaries is empty")
     ks = [r["k"] for r in summaries[0]["results"]]
     if any([r["k"] for r in s["results"]] != ks for s in summaries[1:]):
         raise ValueError("the runs have other k's: combine runs of one config (other seeds)")
-    headers = ("k", "ends' error", "instability", "per run")
+    headers = ("k", "ends' error", "instability", "per run", "above the line")
     rows = []
     for i, k in enumerate(ks):
-        values = [100 * s["results"][i]["instability"] for s in summaries]
-        ends = [100 * e for s in summaries for e in s["results"][i]["endpoint_errors"]]
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        results = [s["results"][i] for s in summaries]
+        values = [100 * r["instability"] for r in results]
+        ends = [100 * e for r in results for e in r["endpoint_errors"]]
+        above = [100 * barrier_above_line(r["alphas"], r["errors"]) for r in results]
         rows.append(
             (
                 str(k),
                 f"{statistics.fmean(ends):.2f}%",
-                f"{statistics.fmean(values):.2f}{spread}",
+                _mean_std(values),
                 ", ".join(f"{v:.2f}" for v in values),
+                _mean_std(above),
             )
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
@@ -648,6 +673,11 @@ def combined_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(
         [title, line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)]
     )
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2f}{spread}"
 
 
 def combine(run_dirs: Sequence[str | Path], plot: Path | None = None) -> str:

@@ -335,6 +335,11 @@ def test_combined_seeds_mean_and_sample_std(dense_run: Any, tmp_path: Path) -> N
     # k = 0: 1, 2 and 6 points: mean 3, sample std sqrt((4 + 1 + 9) / 2) = sqrt(7)
     assert "3.00 ± 2.65  1.00, 2.00, 6.00" in table.splitlines()[3]
     assert "0.00 ± 0.00" in table.splitlines()[4]
+    # above the line: the path's largest rise over the chord between its ends, by hand
+    errors = torch.tensor(summary["results"][0]["errors"], dtype=torch.float64)
+    a = torch.linspace(0, 1, len(errors), dtype=torch.float64)
+    rise = max(float((errors - ((1 - a) * errors[0] + a * errors[-1])).max()), 0.0)
+    assert table.splitlines()[3].endswith(f"{100 * rise:.2f} ± 0.00")
     plot = instability.plot_instability(runs, tmp_path / "three.png")
     assert plot.is_file() and plot.stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match=r"has no summary\.json"):
