@@ -598,9 +598,25 @@ def plot_instability(summaries: Sequence[Mapping[str, Any]], path: Path) -> Path
     means = [statistics.fmean(v) for v in values]
     errs = [statistics.stdev(v) if n >= 2 else 0.0 for v in values]
     positions = [max(k, 1) for k in ks]
-    label = f"mean ± sample std of {n} seeds" if n >= 2 else "one seed"
+    label = f"instability, mean ± sample std of {n} seeds" if n >= 2 else "instability"
     right.errorbar(
         positions, means, yerr=errs if n >= 2 else None, marker="o", capsize=3, label=label
+    )
+    above = [
+        [
+            100 * barrier_above_line(r["alphas"], r["errors"])
+            for r in (s["results"][i] for s in summaries)
+        ]
+        for i in range(len(ks))
+    ]
+    right.errorbar(
+        positions,
+        [statistics.fmean(v) for v in above],
+        yerr=[statistics.stdev(v) for v in above] if n >= 2 else None,
+        marker="s",
+        capsize=3,
+        linestyle="--",
+        label="rise above the chord between the ends" + (" (same)" if n >= 2 else ""),
     )
     right.set_xscale("log")
     right.set_xticks(positions, [str(k) for k in ks])
