@@ -57,6 +57,8 @@ class Method:
     options); ``check(weight, options, where)`` validates options per target;
     ``keeps_stats(options)`` is True when statistics survive an update (movement);
     ``per_row(options)`` is True when entries compete only within their output row;
+    ``global_slices(options)`` is True when slice scores compare across tensors (then
+    ``scope="global"`` ranks the slices of all targets together);
     ``random`` methods get a seeded ``generator``; a ``pattern`` (N:M) fixes the sparsity
     itself (any amount above 0 applies it); ``memory`` states the statistics' memory.
 
@@ -77,6 +79,7 @@ class Method:
         check: Callable[[Tensor, Mapping[str, Any], str], None] | None = None,
         keeps_stats: Callable[[Mapping[str, Any]], bool] | None = None,
         per_row: Callable[[Mapping[str, Any]], bool] | None = None,
+        global_slices: Callable[[Mapping[str, Any]], bool] | None = None,
         random: bool = False,
         pattern: bool = False,
         memory: str = "",
@@ -99,7 +102,7 @@ class Method:
         self.name, self.fn, self.ranks, self.needs = name, fn, ranks, needs
         self.score, self.fed, self.check, self.random = score, frozenset(fed), check, random
         self.memory, self.pattern = memory, pattern
-        self._keeps_stats, self._per_row = keeps_stats, per_row
+        self._keeps_stats, self._per_row, self._global_slices = keeps_stats, per_row, global_slices
         self.__signature__ = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         params = self.__signature__.parameters
@@ -125,7 +128,11 @@ class Method:
         return bool(self._per_row and self._per_row(options))
 
     def ranks_globally(self, options: Mapping[str, Any]) -> bool:
-        """Whether one ranking across several targets is meaningful for these options."""
+        """Whether one ranking across several targets is meaningful for these options:
+        entries (unless compared within rows), or slices whose scores compare across
+        tensors (``global_slices``, e.g. APoZ, a fraction)."""
+        if self.ranks == "slices":
+            return bool(self._global_slices and self._global_slices(options))
         return self.ranks == "entries" and not self.per_row(options)
 
     def accepts_mask(self) -> bool:

@@ -250,7 +250,11 @@ def activation_mask(
     ``activity``, one value per output channel: the mean ``|y_c|`` of the module's output
     (``criterion="mean_abs"``), or ``1 - APoZ_c``, the fraction of positive outputs
     (``criterion="apoz"``: the average percentage of zeros after a ReLU, highest pruned).
-    ``amount`` counts channels; a fraction below 1 keeps at least one.
+    ``amount`` counts channels; a fraction below 1 keeps at least one. In a Pruner it ranks
+    per layer (``scope="layer"``); with ``criterion="apoz"`` (a fraction, comparable across
+    layers) ``scope="global"`` ranks the channels of all targets together (exactly
+    ``round(amount * channels)``, each layer keeping its best channel for fractions < 1).
+    Statistics: two float64 per output channel.
 
     >>> activation_mask(torch.ones(3, 2), 1, activity=torch.tensor([0.5, 0.1, 2.0]))
     tensor([[ True,  True],
@@ -401,6 +405,7 @@ register_method("activation")(
         score=_activation_score,
         fed=("activity",),
         check=_check_activation,
+        global_slices=lambda options: options.get("criterion", "mean_abs") == "apoz",
         memory="two float64 per output channel",
     )
 )

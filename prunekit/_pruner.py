@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -238,6 +239,9 @@ class Pruner:
             why = (
                 " with per_output=True (it ranks within each output row)"
                 if spec.per_row(self.options)
+                else f" with options {self.options} (slice scores that compare across layers "
+                "do: activation with criterion='apoz')"
+                if spec.ranks == "slices" and spec.score is not None
                 else ""
             )
             ranked = [n for n in list_methods() if get_method(n).ranks == "entries"]
@@ -529,20 +533,82 @@ class Pruner:
         # (targets given scores by the caller need no statistics)
         stats = self._gather_stats([n for n in self._targets if n in amounts and n not in scores])
         plan = _Plan(updated=list(amounts))
-        if group:
+        if group and get_method(self.method).ranks == "slices":
+            plan.masks.update(self._global_slices(group, sparsity, scores, stats))
+        elif group:
             plan.selections.append(self._selection(group, sparsity, scores, generator, stats))
         for name, amount in amounts.items():
             if name in group:
                 continue
             target = self._targets[name]
             spec = get_method(target.method)
-            if spec.ranks_globally(target.options):
+            if spec.ranks == "entries" and spec.ranks_globally(target.options):
                 plan.selections.append(self._selection([name], amount, scores, generator, stats))
             else:
                 plan.masks[name] = self._structured(
                     target, amount, scores.get(name), generator, stats
                 )
         return plan
+
+    def _global_slices(
+        self,
+        names: list[str],
+        amount: float | int,
+        scores: Mapping[str, Tensor],
+        stats: Mapping[str, TargetStats],
+    ) -> dict[str, Tensor]:
+        """One ranking of the slices of several targets (a slice method whose scores compare
+        across tensors): exactly ``round(amount * S)`` of all ``S`` slices pruned afterwards,
+        already pruned ones included; a fraction below 1 keeps each target's best slice.
+        Slice scores are one number per slice: they are ranked in one small vector."""
+        keys, shapes = [], []
+        for n in names:
+            target, mask = self._targets[n], self.masks[n]
+            dim = check_dim(target.options.get("dim", 0), mask.ndim)
+            shape = (mask.shape[dim],)
+            if n in scores:
+                if tuple(scores[n].shape) != shape:
+                    raise ValueError(
+                        f"scores[{n!r}] has shape {tuple(scores[n].shape)}, expected {shape}"
+                    )
+                score = scores[n]
+            else:
+                score = self._scores(n, stats, shape)
+            others = [d for d in range(mask.ndim) if d != dim]
+            alive = mask.any(dim=others) if others else mask.clone()
+            key = score.detach().double().cpu().masked_fill(~alive.cpu(), -math.inf)
+            keys.append(key)
+            shapes.append((dim, alive))
+        total = sum(k.numel() for k in keys)
+        count = amount_to_count(amount, total, name="sparsity")
+        already = sum(int((~a).sum()) for _, a in shapes)
+        if count < already:
+            raise ValueError(
+                f"sparsity={amount} asks for {count} pruned slices of the {len(names)} globally "
+                f"ranked targets, but {already} already are; masks only shrink"
+            )
+        spare = isinstance(as_amount(amount), float) and as_amount(amount) < 1.0
+        if spare:  # never the last slice of a target: its best alive slice is kept
+            for key in keys:
+                if bool((key > -math.inf).any()):
+                    key[int(torch.argmax(key))] = math.inf
+        flat = torch.cat(keys)
+        if count > int((flat < math.inf).sum()):
+            raise ValueError(
+                f"sparsity={amount} would prune every slice of a target; a fraction below 1 "
+                "keeps one slice per target"
+            )
+        pruned = torch.ones(total, dtype=torch.bool)
+        pruned[torch.sort(flat, stable=True).indices[:count]] = False
+        new, start = {}, 0
+        for n, (dim, alive) in zip(names, shapes, strict=True):
+            keep = pruned[start : start + alive.numel()].to(alive.device)
+            start += alive.numel()
+            view = [1] * self.masks[n].ndim
+            view[dim] = -1
+            spec = get_method(self._targets[n].method)
+            new[n] = self._checked(spec, n, self.masks[n] & keep.view(view), self.masks[n])
+        return new
 
     def _gather_stats(self, names: list[str]) -> dict[str, TargetStats]:
         """The statistics of ``names`` summed across ranks; raises if a method lacks them."""

@@ -515,3 +515,46 @@ def test_caller_scores_need_no_statistics() -> None:
     pruner.prune_to(0.5, scores=scores)  # nothing collected: the given scores rank
     reference = global_lowest(scores, 0.5)
     assert all(torch.equal(pruner.masks[n], reference[n]) for n in WEIGHTS)
+
+
+def test_activation_apoz_ranks_channels_of_all_layers_together() -> None:
+    model = mlp()
+    xs = [b[0] for b in batches(n=2)]
+    with torch.no_grad():  # outputs of each Linear, by hand
+        outs, h = {}, torch.cat(xs)
+        for i, layer in enumerate(model):
+            h = layer(h)
+            if isinstance(layer, nn.Linear):
+                outs[f"{i}.weight"] = h
+    positive = {n: (y > 0).double().mean(0) for n, y in outs.items()}  # 1 - APoZ
+    pruner = Pruner(model, method="activation", criterion="apoz")  # scope="global"
+    pruner.calibrate(xs)
+    pruner.prune_to(0.5)  # round(0.5 * 12 channels) = 6, each layer keeps its best
+    key = []
+    for n in WEIGHTS:
+        k = positive[n].clone()
+        k[int(torch.argmax(k))] = math.inf
+        key.append(k)
+    flat = torch.cat(key)
+    expected = torch.ones(12, dtype=torch.bool)
+    expected[torch.sort(flat, stable=True).indices[:6]] = False
+    got = torch.cat([pruner.masks[n].any(1) for n in WEIGHTS])
+    assert torch.equal(got, expected)
+    assert int((~got).sum()) == 6
+    assert all(bool(pruner.masks[n].any()) for n in WEIGHTS)
+    with pytest.raises(ValueError, match=r"method='activation' does not with options \{\}"):
+        Pruner(mlp(), method="activation")  # mean |y| does not compare across layers
+
+
+def test_global_channel_ranking_keeps_each_layers_best_channel() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[4].bias.fill_(-100.0)  # the last layer's outputs are all <= 0: APoZ 1
+    pruner = Pruner(model, method="activation", criterion="apoz")
+    pruner.calibrate([b[0] for b in batches(n=2)])
+    pruner.prune_to(0.5)
+    assert int(pruner.masks["4.weight"].any(1).sum()) == 1  # its 2 other channels go
+    assert sum(int((~pruner.masks[n].any(1)).sum()) for n in WEIGHTS) == 6
+    pruner.calibrate([b[0] for b in batches(n=2)])  # (statistics reset at each update)
+    pruner.prune_to(9)  # a count may empty a layer
+    assert sum(int((~pruner.masks[n].any(1)).sum()) for n in WEIGHTS) == 9
