@@ -28,7 +28,7 @@ refuses it, naming the method); unscaled losses are exact.
 
 Forward statistics count forwards of modules in training mode (``module.training``), and
 every forward inside ``calibrate``; evaluation passes of a training loop are not
-counted. Under ``torch.distributed`` (DDP) every rank collects its own; they are summed
+counted (a module recomputed by activation checkpointing is counted at each forward). Under ``torch.distributed`` (DDP) every rank collects its own; they are summed
 across ranks (all-reduce) before ranking, so masks are identical on every rank.
 """
 
@@ -205,7 +205,9 @@ class Statistics:
                     continue
                 if "inputs" in site.needs:
                     self.handles.append(
-                        site.module.register_forward_pre_hook(self._input_hook(site))
+                        site.module.register_forward_pre_hook(
+                            self._input_hook(site), with_kwargs=True
+                        )
                     )
                 if "outputs" in site.needs:
                     self.handles.append(site.module.register_forward_hook(self._output_hook(site)))
@@ -247,10 +249,10 @@ class Statistics:
         return self.calibrating or module.training
 
     def _input_hook(self, site: _Site) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if module is not site.module or not self._counts(module) or not args:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if module is not site.module or not self._counts(module):
                 return
-            x = args[0]
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             if not isinstance(x, Tensor):
                 return
             with torch.no_grad():

@@ -275,3 +275,19 @@ def test_ddp_statistics_are_summed_across_ranks_and_masks_identical(tmp_path: Pa
         expected[torch.sort(flat.double(), stable=True).indices[:k]] = False
         got = torch.cat([torch.tensor(ranks[0][method][n]).flatten() for n in WEIGHTS])
         assert torch.equal(got, expected), method
+
+
+def test_inputs_given_by_keyword_are_seen() -> None:
+    model = net()
+    pruner = Pruner(model, method="wanda", targets=["0.weight"])
+    x = data(1)[0]
+    pruner.calibrate([x])
+    with torch.no_grad():
+        pruner._stats.calibrating = True
+        pruner._stats.hook({"0.weight": model[0].weight})
+        model[0](input=x * 2)
+        pruner._stats.unhook()
+        pruner._stats.calibrating = False
+    got = pruner._stats.reduced(["0.weight"])["0.weight"]
+    assert got.rows == 8
+    torch.testing.assert_close(got.input_norm.view(-1), (x.square().sum(0) * 5).sqrt())
