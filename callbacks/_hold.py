@@ -122,6 +122,15 @@ class HoldMasks(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()  # an interrupted fit leaves no hooks behind either
+
+    def _release(self) -> None:
         if self._given is None and self.pruner is not None:
             self.pruner.remove()  # leaves plain weights with zeros
             self.pruner = None

@@ -192,3 +192,19 @@ def test_rewind_point_after_the_end_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="ended at step 2, before the rewind point"):
         trainer(max_steps=2, callbacks=[point]).fit(TinyNet(), loader())
     assert not point.captured and not (tmp_path / "late.ckpt").exists()
+
+
+def test_an_interrupted_fit_leaves_no_hooks() -> None:
+    class Failing(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    hold = HoldMasks(random_masks(3))
+    model = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=5, callbacks=[hold]).fit(model, loader())
+    assert hold.pruner is None
+    assert not model.net[0].weight[~random_masks(3)["net.0.weight"]].any()  # zeros kept
+    assert model.net[0].weight._post_accumulate_grad_hooks in (None, {})  # hooks removed
