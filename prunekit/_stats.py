@@ -306,21 +306,23 @@ class Statistics:
         return [n for n, s in self.sites.items() if "grads" in s.needs]
 
     def reduced(self, names: Iterable[str]) -> dict[str, TargetStats]:
-        """The statistics of ``names``, summed across ranks (copies: the buffers keep this
-        rank's own sums). Every rank must call this for the same names in the same order."""
+        """The statistics of ``names``, summed across ranks (into copies: the buffers keep
+        this rank's own sums; read-only views of them in one process). Every rank must call
+        this for the same names in the same order."""
         out = {}
         for name in names:
             site = self.sites.get(name)
             if site is None:
                 continue
             site.ensure()
-            values = {k: v.clone() for k, v in sorted(site.values.items())}
+            shared = _dist()  # (a copy to sum into; one process reads its buffers as they are)
+            values = {k: v.clone() if shared else v for k, v in sorted(site.values.items())}
             counts = torch.tensor(
                 [site.counts[k] for k in ("rows", "backwards", "positions")],
                 dtype=torch.float64,
                 device=site.param.device,
             )
-            if _dist():
+            if shared:
                 for v in values.values():
                     dist.all_reduce(v)
                 dist.all_reduce(counts)
