@@ -781,24 +781,34 @@ def run_cluster(
     cwd = os.getcwd()
     outcomes = [Outcome(s.label, folder=s.folder) for s in specs]
     n = len(specs)
-    submitted: list[Any] = []
-    for i, spec in enumerate(specs):
-        executor = _executor(cluster, RunPaths(spec.folder).cluster_logs, params, spec.folder.name)
-        job = executor.submit(run_command, spec.argv(threads), cwd)
-        submitted.append(job)
-        outcomes[i].job_id = str(job.job_id)
-        outcomes[i].status = "submitted"
-        outcomes[i].log = Path(job.paths.stderr)
-        print(
-            f"[{i + 1}/{n}] submitted {spec.label}  job {job.job_id}  -> {spec.folder}",
-            file=out,
-            flush=True,
-        )
+    submitted: dict[int, Any] = {}
+    try:
+        for i, spec in enumerate(specs):
+            folder = RunPaths(spec.folder).cluster_logs
+            try:
+                executor = _executor(cluster, folder, params, spec.folder.name)
+                job = executor.submit(run_command, spec.argv(threads), cwd)
+            except Exception as e:  # sbatch refused it, say: it alone fails
+                outcomes[i].status = f"failed (not submitted: {type(e).__name__})"
+                print(f"[{i + 1}/{n}] FAILED    {spec.label}  (not submitted: {e})", file=out)
+                continue
+            submitted[i] = job
+            outcomes[i].job_id = str(job.job_id)
+            outcomes[i].status = "submitted"
+            outcomes[i].log = Path(job.paths.stderr)
+            print(
+                f"[{i + 1}/{n}] submitted {spec.label}  job {job.job_id}  -> {spec.folder}",
+                file=out,
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        _cancel(submitted, outcomes, out)
+        return outcomes
     if not wait:
         return outcomes
     started = time.monotonic()
     poll = poll_s if poll_s is not None else (0.5 if cluster == "local" else 15.0)
-    left = set(range(n))
+    left = set(submitted)
     try:
         while left:
             for i in sorted(left):
@@ -828,9 +838,13 @@ def run_cluster(
             if left:
                 time.sleep(poll)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: cancelling {len(left)} job(s)", file=out, flush=True)
-        for i in left:
-            with contextlib.suppress(Exception):
-                submitted[i].cancel(check=False)
-            outcomes[i].status = "cancelled"
+        _cancel({i: submitted[i] for i in left}, outcomes, out)
     return outcomes
+
+
+def _cancel(jobs_: dict[int, Any], outcomes: Sequence[Outcome], out: TextIO) -> None:
+    print(f"\ninterrupted: cancelling {len(jobs_)} job(s)", file=out, flush=True)
+    for i, job in jobs_.items():
+        with contextlib.suppress(Exception):  # one that cannot be cancelled: the others still are
+            job.cancel(check=False)
+        outcomes[i].status = "cancelled"

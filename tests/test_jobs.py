@@ -338,11 +338,16 @@ def test_sigterm_to_the_parent_stops_the_children_too(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ identical to serial runs
 @pytest.fixture(scope="module")
 def serial(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """seed 0 and seed 1, each a plain serial ``prunekit run`` in this process."""
+    """The run folders of seed 0 and seed 1 (in that order), each made by a plain serial
+    ``prunekit run`` in this process."""
     out = tmp_path_factory.mktemp("serial")
+    made = []
     for seed in (0, 1):
+        before = set(folders(out))
         assert cli.main(["run", QUICK, *tiny(out, data), f"seed={seed}", "--threads", "1"]) == 0
-    return folders(out)
+        (new,) = set(folders(out)) - before
+        made.append(new)
+    return made
 
 
 def test_jobs_2_gives_bit_identical_results_and_report_works(
@@ -351,9 +356,9 @@ def test_jobs_2_gives_bit_identical_results_and_report_works(
     capsys.readouterr()
     assert cli.main(["run", QUICK, *tiny(tmp_path, data), "seed=0,1", "--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    parallel = folders(tmp_path)
+    parallel = [tmp_path / s.name for s in serial]
     # out_dir is not hashed: the same folder names as the serial runs, in another out_dir
-    assert [p.name for p in parallel] == [p.name for p in serial]
+    assert folders(tmp_path) == sorted(parallel)
     for a, b in zip(serial, parallel, strict=True):
         assert_identical(results(a), results(b))
         assert (b / "job.log").is_file()
@@ -426,6 +431,63 @@ def test_lottery_jobs_2_equals_serial(data: Path, tmp_path: Path) -> None:
             for key in x:
                 for name in x[key]:
                     assert torch.equal(x[key][name], y[key][name]), (state, key, name)
+
+
+class FakeJob:
+    """What run_cluster reads of a submitit job."""
+
+    def __init__(self, job_id: str, error: Exception | None, polls: int) -> None:
+        self.job_id, self.error, self.polls, self.cancelled = job_id, error, polls, False
+        self.paths = type("Paths", (), {"stderr": f"/logs/{job_id}.err"})()
+        self.state = "FAILED" if error else "COMPLETED"
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def exception(self) -> Exception | None:
+        return self.error
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled = True
+
+
+def test_run_cluster_reports_each_job_and_a_refused_submission_fails_alone(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = jobs.plan("run", [QUICK], [*tiny(tmp_path, data), "seed=0,1,2"])
+    made: list[FakeJob] = []
+
+    class FakeExecutor:
+        def submit(self, fn: Any, argv: list[str], cwd: str) -> FakeJob:
+            assert fn is jobs.run_command and cwd == os.getcwd()
+            if "seed=1" in argv:
+                raise RuntimeError("sbatch: error: invalid partition")
+            made.append(
+                FakeJob(
+                    str(100 + len(made)), None if "seed=0" in argv else ValueError("boom"), polls=2
+                )
+            )
+            return made[-1]
+
+    monkeypatch.setattr(jobs, "_executor", lambda *args: FakeExecutor())
+    outcomes = jobs.run_cluster(specs, "local", 1, {}, out=DEVNULL, poll_s=0.01)
+    assert [(o.status, o.job_id) for o in outcomes] == [
+        ("finished", "100"),
+        ("failed (not submitted: RuntimeError)", None),
+        ("failed (job FAILED)", "101"),
+    ]
+    # Ctrl-C while waiting cancels the jobs not done yet
+    made.clear()
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.time, "sleep", interrupt)
+    specs = jobs.plan("run", [QUICK], [*tiny(tmp_path, data), "seed=0,2"])
+    outcomes = jobs.run_cluster(specs, "local", 1, {}, out=DEVNULL, poll_s=0.01)
+    assert [o.status for o in outcomes] == ["cancelled", "cancelled"]
+    assert [j.cancelled for j in made] == [True, True]
 
 
 @pytest.mark.slow
