@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -58,6 +59,7 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
     model = _model(size, tensors, world, rank)
     params = [p for _, p in model.named_parameters()]
     total = sum(p.numel() for p in params)
+    rss_model = _peak_rss_mb()
 
     # prunekit: histograms and counts all-reduced
     pruner = Pruner(model, targets="*")
@@ -69,6 +71,7 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
     t_prunekit = time.perf_counter() - start
     sent = _distributed.reduced_bytes - sent
     pruned = pruner.sparsity().pruned
+    rss_prunekit = _peak_rss_mb()
 
     # the alternative: gather every weight on rank 0, kthvalue there, broadcast the threshold
     dist.barrier()
@@ -90,6 +93,10 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
     dist.barrier()
     t_gather = time.perf_counter() - start
     del masks, gathered, padded
+    # peak resident memory (MB) of the most loaded rank: after building the model, after
+    # prunekit's prune (masks included), after the gather (rank 0 holds every weight)
+    peaks = torch.tensor([rss_model, rss_prunekit, _peak_rss_mb()], dtype=torch.float64)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     if rank == 0:
         out.write_text(
             json.dumps(
@@ -102,11 +109,21 @@ def _run(rank: int, world: int, port: int, size: int, tensors: int, out: Path) -
                     "exact": pruned == round(SPARSITY * total),
                     "gather_s": t_gather,
                     "gather_bytes_per_sending_rank": local.numel() * 4,
+                    "peak_rss_mb": {
+                        "model": peaks[0].item(),
+                        "after_prunekit": peaks[1].item(),
+                        "after_gather": peaks[2].item(),
+                    },
                 }
             )
         )
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(size: int, tensors: int, world: int) -> dict[str, Any]:
@@ -134,7 +151,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"world {world}, {r['parameters']:,} parameters: prunekit {r['prunekit_s']:.2f} s, "
             f"{r['prunekit_bytes_per_rank'] / 1e6:.2f} MB all-reduced per rank, exact={r['exact']} | "
             f"gather + kthvalue {r['gather_s']:.2f} s, "
-            f"{r['gather_bytes_per_sending_rank'] / 1e6:.0f} MB sent per rank",
+            f"{r['gather_bytes_per_sending_rank'] / 1e6:.0f} MB sent per rank | peak RSS of "
+            f"the most loaded rank: model {r['peak_rss_mb']['model']:.0f} MB, after prunekit "
+            f"{r['peak_rss_mb']['after_prunekit']:.0f} MB, after gather "
+            f"{r['peak_rss_mb']['after_gather']:.0f} MB",
             flush=True,
         )
     return results

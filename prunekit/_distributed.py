@@ -227,11 +227,18 @@ def structured_mask(
     """A structured method's new mask for a sharded parameter, equal to one process's.
 
     Slices along ``dim`` are scored from each rank's block: when a rank holds whole
-    slices (sharded along ``dim`` only) its norms are exactly one process's; otherwise
-    each rank adds powers of its part in float64 and the sums are all-reduced (n = inf
-    and 0 are exact; n = 1 and 2 agree with one process up to rounding). The per-slice
-    scores are all-reduced into one small vector on every rank, which is ranked as one
-    process ranks it. N:M needs every group of ``m`` on one rank.
+    slices (sharded along ``dim`` only) its norms are exactly one process's (the same
+    ``torch.linalg.vector_norm`` on the same values, in float64 for float64 weights).
+    Otherwise each slice is split across ranks: n = inf (max) and n = 0 (counts) are
+    exact; for n = 1 and 2 each rank sums ``|w|`` or ``w**2`` of its part in float64, the
+    sums are all-reduced, then square-rooted (n = 2) and rounded to the weights' float
+    dtype, while one process takes ``vector_norm`` in that dtype. The two differ only by
+    rounding (float32: relative differences of order 1e-7), so they rank slices
+    identically unless two slices' norms are that close; then those two may swap. (Bit-exact scores would need one process to compute the same
+    exactly rounded norm: a change of ``_masks._slice_norms``.) The per-slice scores are
+    all-reduced into one small vector on every rank, which is ranked as one process ranks
+    it. N:M needs every group of ``m`` on one rank (:func:`check_groups` raises
+    otherwise).
     """
     from prunekit import _masks
 

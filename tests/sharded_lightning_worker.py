@@ -2,14 +2,20 @@
 ModelParallelStrategy (FSDP2) over DEVICES gloo CPU processes, or on one process.
 
 Usage: python tests/sharded_lightning_worker.py OUT DEVICES [CKPT]
-Every rank trains on the same batches (so the averaged gradients equal one process's)
-and rank 0 writes OUT/result.pt: per update the step, the logged target and actual
-sparsity and the whole masks; OUT/ckpt holds a checkpoint written at step 8. With CKPT,
-the fit resumes from it.
+DEVICES is 1 (one process, no strategy), 2 or 4 (ModelParallelStrategy, FSDP2 over that
+many ranks), or 1mp (ModelParallelStrategy on one rank: loads the distributed
+checkpoints the others write). Every rank trains on the same batches (so the averaged
+gradients equal one process's) and rank 0 writes OUT/result.pt: per update the step, the
+logged target and actual sparsity and the whole masks; OUT/ckpt holds checkpoints
+written every 4 steps. With CKPT, the fit resumes from it. With the environment variable
+KILL_AT_STEP=N, the first rank to start step N SIGKILLs the whole process group (every
+rank), as a crash or a pre-empted job would end it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from tests.lit_helpers import TinyNet, loader, trainer
 
 class Sharded(TinyNet):
     def configure_model(self) -> None:
-        if self.trainer.world_size == 1:
+        if self.device_mesh is None:  # one process, no ModelParallelStrategy
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -46,10 +52,22 @@ class Recorder(Pruning):
 
     def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super()._log_update(trainer, pl_module)
-        masks = {}
+        masks = {}  # copies: on one rank full_tensor() is the mask itself, not a copy
         for name, mask in self.pruner.masks.items():
-            masks[name] = mask.full_tensor() if hasattr(mask, "full_tensor") else mask.clone()
+            masks[name] = (mask.full_tensor() if hasattr(mask, "full_tensor") else mask).clone()
         self.records.append({"step": trainer.global_step, "masks": masks})
+
+
+class Killer(pl.Callback):
+    """SIGKILLs every process of the run's process group when step ``at`` starts."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            sys.stdout.flush()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 class Metrics(Logger):
@@ -78,15 +96,19 @@ class Metrics(Logger):
 
 def main() -> None:
     torch.set_num_threads(1)
-    out, devices = Path(sys.argv[1]), int(sys.argv[2])
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    devices = int(mode.removesuffix("mp"))
     ckpt = sys.argv[3] if len(sys.argv) > 3 else None
     out.mkdir(parents=True, exist_ok=True)
     pruning = Recorder(Polynomial(0.0, 0.8, begin=2, end=12, frequency=2), seed=5)
     pruning.records = []
     metrics = Metrics()
-    save = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=8, save_top_k=-1)
+    save = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    callbacks: list[pl.Callback] = [pruning, save]
+    if "KILL_AT_STEP" in os.environ:
+        callbacks.append(Killer(int(os.environ["KILL_AT_STEP"])))
     strategy: Any = "auto"
-    if devices > 1:
+    if devices > 1 or mode.endswith("mp"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
@@ -94,7 +116,7 @@ def main() -> None:
         max_steps=14,
         devices=devices,
         strategy=strategy,
-        callbacks=[pruning, save],
+        callbacks=callbacks,
         logger=metrics,
         enable_checkpointing=True,
         log_every_n_steps=1,
@@ -102,7 +124,7 @@ def main() -> None:
     fit.fit(Sharded(), loader(), ckpt_path=ckpt)
     final = {}
     for name, mask in pruning.pruner.masks.items():
-        final[name] = mask.full_tensor() if hasattr(mask, "full_tensor") else mask.clone()
+        final[name] = (mask.full_tensor() if hasattr(mask, "full_tensor") else mask).clone()
     if fit.global_rank == 0:
         rows = [r for r in metrics.rows if "sparsity/actual" in r]
         torch.save({"records": pruning.records, "logged": rows, "final": final}, out / "result.pt")

@@ -70,7 +70,7 @@ def shard(model: nn.Module, sharding: str, world: int) -> nn.Module:
 def full(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    return {n: m.full_tensor() if isinstance(m, DTensor) else m.clone() for n, m in masks.items()}
+    return {n: (m.full_tensor() if isinstance(m, DTensor) else m).clone() for n, m in masks.items()}
 
 
 def scores_for(
@@ -261,7 +261,7 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
 def _full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).clone()
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ moments at zero, and a state saved on 2 ranks loads on 4 and on 1."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -173,22 +174,61 @@ def test_state_saved_on_two_ranks_loads_on_four_and_on_one(tmp_path: Path) -> No
 LIGHTNING = Path(__file__).with_name("sharded_lightning_worker.py")
 
 
-def run_lightning(out: Path, devices: int, ckpt: Path | None = None) -> dict[str, Any]:
-    args = [sys.executable, str(LIGHTNING), str(out), str(devices)]
+def run_lightning(
+    out: Path, devices: str, ckpt: Path | None = None, kill_at: int | None = None
+) -> dict[str, Any]:
+    """The Lightning worker in a session of its own (its process group is every rank);
+    with ``kill_at``, it must die by SIGKILL at that step, and nothing is returned."""
+    env = dict(os.environ)
+    if kill_at is not None:
+        env["KILL_AT_STEP"] = str(kill_at)
+    args = [sys.executable, str(LIGHTNING), str(out), devices]
     done = subprocess.run(
-        args + ([str(ckpt)] if ckpt else []), capture_output=True, text=True, timeout=900
+        args + ([str(ckpt)] if ckpt else []),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        start_new_session=True,
     )
+    if kill_at is not None:
+        assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+        assert not (out / "result.pt").exists()
+        return {}
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One uninterrupted 2-rank ModelParallelStrategy fit (checkpoints at steps 4, 8, 12),
+    shared by the Lightning tests."""
+    out = tmp_path_factory.mktemp("lightning") / "two"
+    return out, run_lightning(out, "2")
+
+
+def check_resumed(resumed: dict[str, Any], reference: dict[str, Any]) -> None:
+    """A fit resumed from the step-8 checkpoint makes the updates at 10 and 12 with the
+    uninterrupted fit's masks, and ends with its masks."""
+    assert [r["step"] for r in resumed["records"]] == [10, 12]
+    after = {r["step"]: r["masks"] for r in reference["records"]}
+    for record in resumed["records"]:
+        for name, mask in record["masks"].items():
+            assert torch.equal(mask, after[record["step"]][name]), (record["step"], name)
+    assert resumed["final"].keys() == reference["final"].keys()
+    for name, mask in reference["final"].items():
+        assert torch.equal(resumed["final"][name], mask), name
+
+
 @pytest.mark.slow
-def test_lightning_model_parallel_matches_one_process_and_resumes(tmp_path: Path) -> None:
+def test_lightning_model_parallel_matches_one_process_and_resumes(
+    tmp_path: Path, uninterrupted: tuple[Path, dict[str, Any]]
+) -> None:
     """ModelParallelStrategy (FSDP2, 2 ranks) with the Pruning callback: the masks of every
     update and the logged sparsities equal a one-process run's; a run resumed from the
     sharded checkpoint written at step 8 ends with the uninterrupted run's masks."""
-    single = run_lightning(tmp_path / "one", 1)
-    sharded = run_lightning(tmp_path / "two", 2)
+    two, sharded = uninterrupted
+    single = run_lightning(tmp_path / "one", "1")
     steps = [r["step"] for r in single["records"]]
     assert steps == [r["step"] for r in sharded["records"]] == [4, 6, 8, 10, 12]
     for a, b in zip(single["records"], sharded["records"], strict=True):
@@ -201,9 +241,50 @@ def test_lightning_model_parallel_matches_one_process_and_resumes(tmp_path: Path
         total = sum(m.numel() for m in record["masks"].values())
         pruned = sum(int((~m).sum()) for m in record["masks"].values())
         assert row["sparsity/actual"] == pytest.approx(pruned / total)
-    ckpt = tmp_path / "two" / "ckpt" / "epoch=0-step=8.ckpt"
+    ckpt = two / "ckpt" / "epoch=0-step=8.ckpt"
     assert (ckpt / "meta.pt").exists()  # a distributed checkpoint directory
-    resumed = run_lightning(tmp_path / "resumed", 2, ckpt)
-    assert [r["step"] for r in resumed["records"]] == [10, 12]
-    for name, mask in sharded["final"].items():
-        assert torch.equal(resumed["final"][name], mask)
+    check_resumed(run_lightning(tmp_path / "resumed", "2", ckpt), sharded)
+
+
+@pytest.mark.slow
+def test_lightning_killed_mid_run_resumes_to_the_uninterrupted_masks(
+    tmp_path: Path, uninterrupted: tuple[Path, dict[str, Any]]
+) -> None:
+    """Both ranks SIGKILLed when step 11 starts (after the update at step 10, the
+    checkpoint at step 8 on disk, the one at 12 not yet written); resumed from the last
+    checkpoint, the fit ends with the uninterrupted fit's masks."""
+    killed = tmp_path / "killed"
+    run_lightning(killed, "2", kill_at=11)
+    written = sorted(p.name for p in (killed / "ckpt").iterdir())
+    assert written == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt"]
+    last = killed / "ckpt" / written[-1]
+    check_resumed(run_lightning(tmp_path / "resumed", "2", last), uninterrupted[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", ["4", "1mp"])
+def test_lightning_checkpoint_of_two_ranks_resumes_on_another_world_size(
+    tmp_path: Path, uninterrupted: tuple[Path, dict[str, Any]], devices: str
+) -> None:
+    """The distributed checkpoint written on 2 ranks at step 8, resumed with
+    ModelParallelStrategy on 4 ranks and on 1: torch.distributed.checkpoint reshards the
+    weights and Adam moments, the callback's state holds whole masks (each rank keeps its
+    block), and the updates at 10 and 12 and the final masks are the 2-rank fit's."""
+    two, reference = uninterrupted
+    ckpt = two / "ckpt" / "epoch=0-step=8.ckpt"
+    check_resumed(run_lightning(tmp_path / devices, devices, ckpt), reference)
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_runs_at_a_tiny_size() -> None:
+    """benchmarks/sharded.py (meant for ~200M parameters) at 300k on 2 ranks: prunekit's
+    count is exact and its traffic a few histograms (under 2.2 MB), while the gather
+    sends 4 bytes per weight of the rank."""
+    from benchmarks import sharded
+
+    (result,) = sharded.main(["--size", "300k", "--tensors", "3", "--world", "2"])
+    assert result["world"] == 2 and result["exact"]
+    assert result["pruned"] == round(0.9 * result["parameters"])
+    assert 0 < result["prunekit_bytes_per_rank"] < 2.2e6
+    # rank 0 holds ceil(rows / 2) of each tensor's rows
+    assert result["gather_bytes_per_sending_rank"] >= 4 * result["parameters"] // 2
