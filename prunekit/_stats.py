@@ -28,7 +28,11 @@ refuses it, naming the method); unscaled losses are exact.
 
 Forward statistics count forwards of modules in training mode (``module.training``), and
 every forward inside ``calibrate``; evaluation passes of a training loop are not
-counted (a module recomputed by activation checkpointing is counted at each forward). Under ``torch.distributed`` (DDP) every rank collects its own; they are summed
+counted (a module recomputed by activation checkpointing is counted at each forward).
+Activation statistics are the one case where the engine touches the forward pass: hooks
+on the targets' modules, present only while the Pruner is attached or calibrating, and
+only for methods that need them (wanda, activation); gradient statistics add one
+multiply-add per weight to each backward. Under ``torch.distributed`` (DDP) every rank collects its own; they are summed
 across ranks (all-reduce) before ranking, so masks are identical on every rank.
 """
 
