@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import numbers
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -132,6 +135,35 @@ class _Plan:
 
 def _settings(target: _Target) -> tuple[Any, ...]:
     return target.method, target.options, target.sparsity
+
+
+class _LazyScores(Sequence[Tensor]):
+    """The flat scores of each of several targets, computed when a selection pass reads
+    them and dropped soon after: a data-aware ranking holds the scores of a few targets
+    at a time (at most one per torch thread, plus one), never those of all targets.
+    Recomputing gives bit-identical scores (elementwise ops), so every pass sees the same
+    keys."""
+
+    def __init__(self, compute: list[Callable[[], Tensor]]) -> None:
+        self._compute = compute
+        self._held: OrderedDict[int, Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._keep = torch.get_num_threads() + 1
+
+    def __len__(self) -> int:
+        return len(self._compute)
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        with self._lock:
+            flat = self._held.get(i)
+            if flat is None:
+                flat = self._compute[i]().detach().reshape(-1)
+                self._held[i] = flat
+                while len(self._held) > self._keep:
+                    self._held.popitem(last=False)
+            else:
+                self._held.move_to_end(i)
+            return flat
 
 
 def _feed(model: nn.Module, batch: Any) -> Any:
@@ -611,6 +643,22 @@ class Pruner:
             new[n] = self._checked(spec, n, self.masks[n] & keep.view(view), self.masks[n])
         return new
 
+    def _lazy_source(
+        self, names: list[str], stats: Mapping[str, TargetStats]
+    ) -> KeySource | WideKeys:
+        """Keys of the method's scores of ``names``, each target's computed when a pass of
+        the selection reads it (see :class:`_LazyScores`). Every target's scores are
+        computed and checked once here, one at a time, before anything changes."""
+        compute = [
+            functools.partial(self._scores, n, stats, tuple(self.masks[n].shape)) for n in names
+        ]
+        dtypes = []
+        for make in compute:
+            dtypes.append(make().dtype)  # checked (shape, dtype, finite), then dropped
+        source = key_source([torch.empty(0, dtype=d) for d in dtypes], magnitude=False)
+        source.flats = _LazyScores(compute)  # type: ignore[assignment]
+        return source
+
     def _gather_stats(self, names: list[str]) -> dict[str, TargetStats]:
         """The statistics of ``names`` summed across ranks; raises if a method lacks them."""
         if not self._stats:
@@ -714,9 +762,7 @@ class Pruner:
         elif spec.random:
             source = RandomKeys(seed)
         elif spec.score is not None:
-            source = key_source(
-                [self._scores(n, stats, tuple(self.masks[n].shape)) for n in names], magnitude=False
-            )
+            source = self._lazy_source(names, stats)
         else:
             for n in names if len(names) == 1 else ():
                 check_finite(self._targets[n].param, n)

@@ -558,3 +558,25 @@ def test_global_channel_ranking_keeps_each_layers_best_channel() -> None:
     pruner.calibrate([b[0] for b in batches(n=2)])  # (statistics reset at each update)
     pruner.prune_to(9)  # a count may empty a layer
     assert sum(int((~pruner.masks[n].any(1)).sum()) for n in WEIGHTS) == 9
+
+
+def test_lazy_scores_over_many_chunks_and_threads_equal_a_full_sort() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 500), nn.ReLU(), nn.Linear(500, 700))  # > 1 chunk each
+    x = torch.randn(8, 600)
+    with torch.no_grad():
+        h = torch.relu(model[0](x))
+    scores = {
+        "0.weight": model[0].weight.detach().abs() * x.square().sum(0).sqrt(),
+        "2.weight": model[2].weight.detach().abs() * h.square().sum(0).sqrt(),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pruner = Pruner(model, method="wanda")
+        pruner.calibrate([x])
+        pruner.prune_to(0.8)
+    finally:
+        torch.set_num_threads(threads)
+    reference = global_lowest(scores, 0.8)
+    assert all(torch.equal(pruner.masks[n], reference[n]) for n in scores)
