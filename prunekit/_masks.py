@@ -53,8 +53,9 @@ class Method:
     activation norms, summed weight x gradient, output activity) and ``score(weight,
     stats, **options)`` turns the weight and those statistics into scores (higher = kept;
     ``None``: the engine ranks ``|weight|`` for entries, or ``fn`` scores slices itself).
-    ``fed`` names ``fn``'s tensor arguments that the engine fills from statistics (not
-    options); ``check(weight, options, where)`` validates options per target;
+    ``fed`` names ``fn``'s tensor arguments that carry the statistics at tensor level
+    (``input_norm``, ``grad``: inputs, not options); ``check(weight, options, where)``
+    validates options per target;
     ``keeps_stats(options)`` is True when statistics survive an update (movement);
     ``per_row(options)`` is True when entries compete only within their output row;
     ``global_slices(options)`` is True when slice scores compare across tensors (then
@@ -65,6 +66,17 @@ class Method:
     >>> m = Method("half_demo", lambda t, amount, *, mask=None: t.abs() > t.abs().median())
     >>> m.ranks, m.needs, sorted(m.options)
     ('mask', (), [])
+
+    A data-aware method is one object (pass it to ``register_method("sq_taylor")``):
+
+    >>> def sq_taylor_mask(t, amount, *, grad, mask=None):  # (W g)^2, tensor level
+    ...     return magnitude_mask(t, amount, mask=mask, scores=(t * grad) ** 2)
+    >>> sq = Method("sq_taylor", sq_taylor_mask, ranks="entries", needs=("grads",),
+    ...             score=lambda w, stats: stats.grads**2, fed=("grad",))
+    >>> sq.ranks_globally({}), sorted(sq.options)
+    (True, [])
+    >>> sq(torch.tensor([1.0, 2.0, 3.0]), 1, grad=torch.tensor([3.0, 0.1, 1.0]))
+    tensor([ True, False,  True])
     """
 
     def __init__(

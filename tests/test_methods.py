@@ -580,3 +580,26 @@ def test_lazy_scores_over_many_chunks_and_threads_equal_a_full_sort() -> None:
         torch.set_num_threads(threads)
     reference = global_lowest(scores, 0.8)
     assert all(torch.equal(pruner.masks[n], reference[n]) for n in scores)
+
+
+def test_a_registered_data_aware_method_gets_its_statistics(registered: list[str]) -> None:
+    spec = Method(
+        "largest_demo",
+        prunekit.taylor_mask,
+        ranks="entries",
+        needs=("grads", "inputs"),
+        score=lambda w, stats: -stats.grads.abs() * stats.input_norm,
+        fed=("grad",),
+    )
+    prunekit.register_method("largest_demo")(spec)
+    registered.append("largest_demo")
+    model = mlp()
+    data = batches()
+    grads = weight_grad(model, data)
+    rows = inputs_of(model, [b[0] for b in data])
+    scores = {n: -grads[n].abs() * rows[n].square().sum(0).sqrt() for n in WEIGHTS}
+    pruner = Pruner(model, method="largest_demo")
+    pruner.calibrate(data, sum_loss)
+    pruner.prune_to(0.4)
+    reference = global_lowest(scores, 0.4)
+    assert all(torch.equal(pruner.masks[n], reference[n]) for n in WEIGHTS)
