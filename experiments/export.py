@@ -60,12 +60,13 @@ def _load_run(run: P.RunPaths) -> tuple[Any, nn.Module, dict[str, torch.Tensor]]
 
 
 def _test_batches(cfg: Any, limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if cfg.data.get("_target_") is not None or cfg.data.name != "fashion_mnist":
+    name, target, root = (cfg.data.get(k) for k in ("name", "_target_", "root"))
+    if target is not None or name not in (None, "fashion_mnist"):
         raise ConfigError(
-            f"export evaluates on Fashion-MNIST's test set; this run used data.name="
-            f"{cfg.data.name!r}, data._target_={cfg.data.get('_target_')!r}"
+            f"export evaluates on Fashion-MNIST's test set; this run used data.name={name!r}, "
+            f"data._target_={target!r}"
         )
-    data = load_fashion_mnist() if cfg.data.root is None else load_fashion_mnist(cfg.data.root)
+    data = load_fashion_mnist() if root is None else load_fashion_mnist(root)
     x, y = data.test_images, data.test_labels
     if limit is not None:
         x, y = x[:limit], y[:limit]

@@ -214,6 +214,7 @@ def compact(
     pruner: Any = None,
     complete: bool = False,
     blocks_only: bool = False,
+    tracer: str = "auto",
 ) -> nn.Module:
     """A copy of ``model`` with the dependency groups pruned by ``masks`` (or by
     ``pruner.masks``) physically removed.
@@ -226,6 +227,8 @@ def compact(
     The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
     ``blocks_only=True`` (models torch.fx cannot trace, such as Hugging Face BERT) only
     attention heads and transformer MLP features are removed, in a deep copy of ``model``.
+    ``tracer``: ``"auto"`` (torch.fx, and torch.export where fx fails), ``"fx"`` or
+    ``"export"`` (see :class:`DependencyGraph`).
 
     >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     >>> x = torch.randn(3, 4)
@@ -245,7 +248,7 @@ def compact(
         if getattr(pruner, "model", None) is not model:
             raise ValueError("pruner=... prunes another model than the one given to compact")
         masks = pruner.masks
-    graph = DependencyGraph(model, example_input, blocks_only=blocks_only)
+    graph = DependencyGraph(model, example_input, blocks_only=blocks_only, tracer=tracer)
     pruned = graph.pruned(masks)
     if not complete:
         _check_complete(graph, masks, pruned)

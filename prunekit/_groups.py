@@ -17,6 +17,7 @@ operation the trace does not understand, applied to tracked channels, raises
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,9 @@ from prunekit._state import unpack_mask
 from prunekit._validate import amount_to_count
 
 SCOPES = ("layer", "global")
+
+
+TRACERS = ("auto", "fx", "export")
 
 
 class UnsupportedModelError(ValueError):
@@ -154,9 +158,12 @@ class DependencyGraph:
         example_input: Tensor | tuple[Tensor, ...],
         *,
         blocks_only: bool = False,
+        tracer: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if tracer not in TRACERS:
+            raise ValueError(f"tracer={tracer!r} must be one of {TRACERS}")
         inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
         if not inputs or not all(isinstance(t, Tensor) for t in inputs):
             raise TypeError(
@@ -178,19 +185,13 @@ class DependencyGraph:
         self._modules = dict(model.named_modules())
         self._params = dict(model.named_parameters())
         self.gm: fx.GraphModule | None = None
+        #: how the graph was made: "torch.fx", "torch.export" or None (blocks_only)
+        self.traced_by: str | None = None
         if blocks_only:
             self._blocks(model)
             self.groups = self._build_groups()
             return
-        try:
-            self.gm = fx.symbolic_trace(model)
-        except Exception as e:  # fx raises TraceError, TypeError, RuntimeError...
-            raise UnsupportedModelError(
-                f"torch.fx cannot trace {type(model).__name__} (data-dependent control flow or "
-                f"an untraceable call?): {type(e).__name__}: {str(e).strip().splitlines()[0]}. "
-                "blocks_only=True prunes only inside self-contained blocks (attention heads, "
-                "transformer MLPs), which needs no trace"
-            ) from e
+        self.gm, self.traced_by, inputs = _trace(model, inputs, tracer)
         was_training = model.training
         model.eval()
         try:
@@ -246,7 +247,8 @@ class DependencyGraph:
         )
         return UnsupportedModelError(
             f"cannot follow channels through node {node.name!r} ({node.op} {what}): {why}; "
-            "prunekit refuses rather than build a wrong model"
+            "prunekit refuses rather than build a wrong model (blocks_only=True prunes only "
+            "inside self-contained attention and MLP blocks, without following the graph)"
         )
 
     def _track(self, arg: Any) -> _Track | None:
@@ -1219,3 +1221,298 @@ def _unpacked(state: Any) -> dict[str, Tensor] | None:
         return {n: unpack_mask(e["packed"], tuple(e["shape"])) for n, e in state["masks"].items()}
     except Exception:  # malformed: reported by Pruner.load_state_dict
         return None
+
+
+# ------------------------------------------------------------------ torch.export fallback
+def _first_line(e: Exception | None) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _trace(
+    model: nn.Module, inputs: tuple[Tensor, ...], tracer: str
+) -> tuple[fx.GraphModule, str, tuple[Tensor, ...]]:
+    """``torch.fx.symbolic_trace``, or where it fails (``tracer="auto"``) a graph made
+    from ``torch.export``; neither: :class:`UnsupportedModelError` with both reasons.
+    Also returns inputs the graph accepts (for the shapes)."""
+    fx_error: Exception | None = None
+    if tracer in ("auto", "fx"):
+        try:
+            return fx.symbolic_trace(model), "torch.fx", inputs
+        except Exception as e:  # fx raises TraceError, TypeError, RuntimeError...
+            fx_error = e
+    if tracer == "fx":
+        raise UnsupportedModelError(
+            f"torch.fx cannot trace {type(model).__name__} (data-dependent control flow or "
+            f"an untraceable call?): {_first_line(fx_error)}"
+        ) from fx_error
+    try:
+        gm, sample = _from_export(model, inputs)
+        return gm, "torch.export", sample
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # export raises UserError, Unsupported, RuntimeError...
+        fx_part = f"torch.fx cannot trace it ({_first_line(fx_error)}); " if fx_error else ""
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: {fx_part}torch.export cannot either: {_first_line(e)}. "
+            "Models with data-dependent control flow cannot be traced; blocks_only=True "
+            "prunes only inside self-contained blocks (attention heads, transformer MLPs), "
+            "which needs no trace"
+        ) from e
+
+
+def _check_input(x: Any, name: str, shape: tuple[int | None, ...], low: int, high: int) -> None:
+    """Inputs of a model traced through torch.export must have the shapes it was traced
+    with: its code may branch on them (the batch dim may vary within [low, high])."""
+    if not isinstance(x, Tensor) or len(x.shape) != len(shape):
+        raise ValueError(
+            f"input {name!r} must be a tensor of {len(shape)} dims, like the traced one"
+        )
+    for i, (have, want) in enumerate(zip(x.shape, shape, strict=True)):
+        if want is None:
+            if not low <= have <= high:
+                raise ValueError(
+                    f"input {name!r} has size {have} on dim {i}; the model was traced by "
+                    f"torch.export for sizes in [{low}, {high if high < 2**62 else 'any'}] "
+                    "there (its code may branch on that size)"
+                )
+        elif have != want:
+            raise ValueError(
+                f"input {name!r} has shape {tuple(x.shape)}; the model was traced by "
+                f"torch.export with {tuple('*' if s is None else s for s in shape)} (its "
+                "code may branch on shapes): trace it with an input of the shape you need"
+            )
+
+
+def _aten_tables() -> tuple[dict[Any, Any], dict[Any, str]]:
+    a = torch.ops.aten
+    functions: dict[Any, Any] = {
+        a.relu.default: torch.relu, a.sigmoid.default: torch.sigmoid,
+        a.tanh.default: torch.tanh, a.gelu.default: F.gelu, a.silu.default: F.silu,
+        a.hardswish.default: F.hardswish, a.hardsigmoid.default: F.hardsigmoid,
+        a.leaky_relu.default: F.leaky_relu, a.neg.default: torch.neg, a.abs.default: torch.abs,
+        a.dropout.default: F.dropout,
+        a.add.Tensor: operator.add, a.sub.Tensor: operator.sub, a.mul.Tensor: operator.mul,
+        a.div.Tensor: operator.truediv,
+        a.max_pool1d.default: F.max_pool1d, a.max_pool2d.default: F.max_pool2d,
+        a.max_pool3d.default: F.max_pool3d, a.avg_pool1d.default: F.avg_pool1d,
+        a.avg_pool2d.default: F.avg_pool2d, a.avg_pool3d.default: F.avg_pool3d,
+        a.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+        a.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+        a.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d,
+        a.flatten.using_ints: torch.flatten, a.reshape.default: torch.reshape,
+        a.cat.default: torch.cat, a.mean.dim: torch.mean, a.sum.dim_IntList: torch.sum,
+        a.amax.default: torch.amax, a.amin.default: torch.amin,
+        a.permute.default: torch.permute, a.transpose.int: torch.transpose,
+        a.softmax.int: torch.softmax, a.log_softmax.int: torch.log_softmax,
+    }  # fmt: skip
+    methods = {
+        a.view.default: "view", a.clone.default: "clone", a.contiguous.default: "contiguous",
+        a.detach.default: "detach", a.to.dtype: "to",
+    }  # fmt: skip
+    return functions, methods
+
+
+def _tuple(v: Any, n: int) -> tuple[Any, ...]:
+    return tuple(v) * (n if len(v) == 1 else 1) if isinstance(v, list | tuple) else (v,) * n
+
+
+def _module_call(
+    node: fx.Node, params: dict[str, str], modules: dict[str, nn.Module]
+) -> str | None:
+    """The module whose own forward ``node`` (an aten conv / linear / batch_norm) is, or
+    None: weights, buffers and settings must all be that module's."""
+    a = torch.ops.aten
+    args = list(node.args)
+    if node.kwargs or len(args) < 2 or not isinstance(args[1], fx.Node):
+        return None
+    weight = params.get(args[1].name, "")
+    name = weight.rpartition(".")[0]
+    mod = modules.get(name) if weight.endswith(".weight") else None
+    if mod is None:
+        return None
+    stack = node.meta.get("nn_module_stack")
+    if stack and list(stack.values())[-1][0] != name:
+        return None  # the weight is used by other code than the module's forward
+
+    def same(i: int, suffix: str | None) -> bool:
+        arg = args[i] if i < len(args) else None
+        if suffix is None or getattr(mod, suffix, None) is None:
+            return arg is None
+        return isinstance(arg, fx.Node) and params.get(arg.name) == f"{name}.{suffix}"
+
+    convs = {a.conv1d.default: 1, a.conv2d.default: 2, a.conv3d.default: 3}
+    if node.target in convs and isinstance(mod, _CONV) and mod.padding_mode == "zeros":
+        n = convs[node.target]
+        settings = [*args[3:], *[None] * 4][:4]
+        wanted = (mod.stride, mod.padding, mod.dilation, mod.groups)
+        defaults = ((1,) * n, (0,) * n, (1,) * n, 1)
+        for got, want, default in zip(settings, wanted, defaults, strict=True):
+            got = default if got is None else got
+            if (got if isinstance(want, int) else _tuple(got, n)) != want:
+                return None
+        return name if same(2, "bias") else None
+    if node.target is a.linear.default and isinstance(mod, nn.Linear):
+        return name if same(2, "bias") else None
+    if node.target is a.batch_norm.default and isinstance(mod, _BATCHNORM):
+        ok = same(2, "bias") and same(3, "running_mean") and same(4, "running_var")
+        return name if ok and len(args) == 9 and args[7] == mod.eps else None
+    return None
+
+
+def _ops(graph: fx.Graph) -> list[Any]:
+    """The operations a graph calls, without slices that keep everything (export drops
+    those where the size is known)."""
+
+    def whole(n: fx.Node) -> bool:
+        if n.target is not torch.ops.aten.slice.Tensor:
+            return False
+        start, end, step = [*n.args[2:], None, None, None][:3]
+        return start in (None, 0) and (end is None or end >= 2**62) and step in (None, 1)
+
+    return [n.target for n in graph.nodes if n.op == "call_function" and not whole(n)]
+
+
+def _from_export(
+    model: nn.Module, inputs: tuple[Tensor, ...]
+) -> tuple[fx.GraphModule, tuple[Tensor, ...]]:
+    """A torch-level fx graph of ``model`` from ``torch.export``: the aten calls that are a
+    Linear / Conv / BatchNorm module's own forward become calls of that module, common
+    aten ops their torch functions (so the trace rules and compaction apply); any other
+    aten op stays as it is (refused by the trace if channels flow through it). The graph
+    checks that its inputs have the traced shapes (the batch dim may vary where export
+    found it free). Also returns the inputs it was traced with."""
+    from torch.export import Dim
+    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.utils import _pytree as pytree
+
+    was_training = model.training
+    model.eval()
+    try:
+        # the batch dim is left free; export fixes any size of 1, so trace a batch of 2
+        # (and check that a batch of 1 runs the same operations)
+        batched = all(t.dim() > 0 and t.shape[0] == inputs[0].shape[0] for t in inputs)
+        ones = batched and inputs[0].shape[0] == 1
+        sample = tuple(t.expand(2, *t.shape[1:]).clone() for t in inputs) if ones else inputs
+        dynamic = tuple({0: Dim.AUTO} if batched else None for _ in inputs)
+        ep = torch.export.export(model, sample, dynamic_shapes=dynamic)
+        one_ok = False
+        if batched:
+            single = torch.export.export(model, tuple(t[:1] for t in inputs))
+            one_ok = _ops(single.graph) == _ops(ep.graph)
+    finally:
+        model.train(was_training)
+    sig = ep.graph_signature
+    attrs = {
+        s.arg.name: s.target
+        for s in sig.input_specs
+        if s.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    }
+    params = {s.arg.name: s.target for s in sig.input_specs if s.kind == InputKind.PARAMETER}
+    params.update({s.arg.name: s.target for s in sig.input_specs if s.kind == InputKind.BUFFER})
+    user = [s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
+    mutated = [s.target for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
+    if mutated:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} changes {mutated} in its forward (in eval mode): a "
+            "graph from torch.export would not"
+        )
+    modules = dict(model.named_modules())
+    functions, methods = _aten_tables()
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    order = {n: i for i, n in enumerate(ep.graph.nodes)}
+    bounds = dict(ep.range_constraints)
+
+    def arg(v: Any) -> Any:
+        if isinstance(v, fx.Node):
+            if v.name not in env:  # a parameter or buffer read outside a module call
+                env[v.name] = graph.get_attr(attrs[v.name])
+            return env[v.name]
+        return fx.node.map_aggregate(v, lambda x: arg(x) if isinstance(x, fx.Node) else x)
+
+    outputs: list[Any] = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in user:
+                env[node.name] = graph.placeholder(node.name)
+                val = node.meta.get("val")
+                shape, low, high = [], 1, 2**62
+                for s in val.shape:
+                    if isinstance(s, int):
+                        shape.append(s)
+                        continue
+                    shape.append(None)
+                    r = bounds.get(s.node.expr)
+                    if r is not None:
+                        low = max(low, int(r.lower))
+                        # (no upper bound: torch's int_oo does not convert)
+                        with contextlib.suppress(
+                            TypeError, ValueError, OverflowError, AttributeError
+                        ):
+                            high = min(high, int(r.upper))
+                    if low == 2 and one_ok:
+                        low = 1
+                graph.call_function(
+                    _check_input, (env[node.name], node.name, tuple(shape), low, high)
+                )
+            continue
+        if node.op == "output":
+            user_outs = [
+                o
+                for o, s in zip(node.args[0], sig.output_specs, strict=True)
+                if s.kind == OutputKind.USER_OUTPUT
+            ]
+            outputs = [arg(o) for o in user_outs]
+            continue
+        target = node.target
+        packet = getattr(target, "overloadpacket", None)
+        name = getattr(packet, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and node.args:
+            # an in-place op is its functional twin when nothing reads the input after it
+            src = node.args[0]
+            twin = getattr(torch.ops.aten, name[:-1], None)
+            functional = getattr(twin, target._overloadname, None) if twin else None
+            later = (
+                [u for u in src.users if u is not node and order[u] > order[node]]
+                if isinstance(src, fx.Node)
+                else [None]
+            )
+            if functional is not None and not later:
+                target = functional
+        module = _module_call(node, params, modules) if node.op == "call_function" else None
+        if module is not None:
+            env[node.name] = graph.call_module(module, (arg(node.args[0]),))
+        elif target in functions and not (
+            target in (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor) and node.kwargs
+        ):
+            env[node.name] = graph.call_function(
+                functions[target], arg(node.args), arg(node.kwargs)
+            )
+        elif target in methods:
+            env[node.name] = graph.call_method(methods[target], arg(node.args), arg(node.kwargs))
+        elif target in (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default):
+            x, pad, *rest = arg(node.args)
+            if target is torch.ops.aten.constant_pad_nd.default:
+                rest = ["constant", rest[0] if rest else 0]
+            env[node.name] = graph.call_function(F.pad, (x, pad, *rest))
+        elif target in (torch.ops.aten.slice.Tensor, torch.ops.aten.select.int):
+            x, dim, *rest = arg(node.args)
+            if target is torch.ops.aten.select.int:
+                index: Any = rest[0]
+            else:
+                start, end, step = [*rest, None, None, 1][:3]
+                index = slice(start, end, step)
+            ndim = len(node.args[0].meta["val"].shape)
+            key = (slice(None),) * _norm_dim(dim, ndim) + (index,)
+            env[node.name] = graph.call_function(operator.getitem, (x, key))
+        elif target is torch.ops.aten._softmax.default:
+            env[node.name] = graph.call_function(torch.softmax, arg(node.args[:2]))
+        else:  # kept as is: fine where no tracked channel flows, refused where one does
+            env[node.name] = graph.create_node(
+                node.op, target, arg(node.args), arg(node.kwargs), name=node.name
+            )
+    graph.output(pytree.tree_unflatten(outputs, ep.call_spec.out_spec))
+    gm = fx.GraphModule(model, graph)
+    gm.graph.lint()
+    return gm, sample

@@ -462,7 +462,7 @@ def test_bert_attention_heads_and_intermediate() -> None:
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids = torch.randint(0, 50, (2, 7))
     with pytest.raises(UnsupportedModelError, match="blocks_only=True"):
-        DependencyGraph(model, ids)  # torch.fx cannot trace it
+        DependencyGraph(model, ids)  # fx cannot trace it; export can, but heads are reshaped
     graph = DependencyGraph(model, ids, blocks_only=True)
     assert {g.layer for g in graph.groups} == {
         f"bert.encoder.layer.{i}.{p}"
@@ -635,3 +635,82 @@ def test_gradual_group_pruning_through_a_pruner() -> None:
         for name in ("conv1", "conv2")
     ] == [4, 6]
     _assert_same_outputs(model, compact(model, x, pruner=pruner), x)
+
+
+# ------------------------------------------------------------------ torch.export fallback
+class ShapeBranch(nn.Module):
+    """fx cannot trace a branch on a shape; torch.export specialises it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:
+            x = F.avg_pool2d(x, 2)
+        y = F.relu(self.bn(self.conv(x)), inplace=True)
+        return self.fc(self.conv2(y).mean((2, 3)))
+
+
+class ExportSort(nn.Module):
+    """Traceable by torch.export only (a shape branch), then sorts the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 3:
+            x = x * 2
+        return torch.sort(self.conv(x), dim=1).values.sum()
+
+
+def test_export_fallback_traces_a_model_fx_cannot() -> None:
+    model = _randomise_norms(ShapeBranch()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UnsupportedModelError, match=r"torch\.fx cannot trace ShapeBranch"):
+        DependencyGraph(model, x, tracer="fx")
+    graph = DependencyGraph(model, x)
+    assert graph.traced_by == "torch.export"
+    assert len(graph.groups) == 8 + 6  # conv's channels, conv2's (read by fc after the mean)
+    masks = graph.group_masks(0.5)
+    Pruner(model, targets=list(masks)).set_masks(masks)
+    small = compact(model, x, masks=masks)
+    assert _params(small) == (4 * 3 * 9 + 4) + 2 * 4 + (3 * 4 * 9 + 3) + (4 * 3 + 4)
+    for batch in (1, 5):  # the batch dim stays free (the branch does not read it)
+        _assert_same_outputs(model, small, torch.randn(batch, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"traced by torch.export with \('\*', 3, 8, 8\)"):
+        small(torch.randn(1, 3, 4, 4))  # would take the other branch: refused, not wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["conv4", "resnet20"])
+def test_export_graph_gives_the_groups_and_compaction_of_fx(name: str) -> None:
+    torch.manual_seed(5)
+    model = _randomise_norms(build_model(name)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    by_fx, by_export = DependencyGraph(model, x), DependencyGraph(model, x, tracer="export")
+    assert by_export.traced_by == "torch.export" and by_fx.traced_by == "torch.fx"
+    assert by_export.groups == by_fx.groups
+    masks = by_fx.group_masks(0.5)
+    Pruner(model, targets=list(masks)).set_masks(masks)
+    small = compact(model, x, masks=masks)  # (through fx)
+    through_export = compact(model, x, masks=masks, tracer="export")
+    assert _params(through_export) == _params(small) == _count_from_masks(model, masks)
+    _assert_same_outputs(model, through_export, x)
+
+
+def test_export_fallback_refusals_name_the_reason() -> None:
+    # neither tracer: the data-dependent branch, with both reasons
+    with pytest.raises(
+        UnsupportedModelError, match=r"torch\.fx cannot trace.*torch\.export cannot"
+    ):
+        DependencyGraph(DataDependent(), torch.zeros(1, 3))
+    # exported, but an op the trace does not know on channels: named (aten.sort)
+    with pytest.raises(UnsupportedModelError, match=r"'sort'.*not supported on tracked channels"):
+        DependencyGraph(ExportSort(), torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match="tracer='jit'"):
+        DependencyGraph(ShapeBranch(), torch.zeros(1, 3, 8, 8), tracer="jit")
