@@ -344,3 +344,29 @@ def test_combined_seeds_mean_and_sample_std(dense_run: Any, tmp_path: Path) -> N
     assert plot.is_file() and plot.stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match=r"has no summary\.json"):
         instability.combine([tmp_path])
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+@pytest.mark.parametrize("name", ["quick_instability.yaml", "instability_lenet300.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(InstabilityConfig, CONFIGS / name, [])
+    assert cfg.model == "lenet_300_100" and len(cfg.data_seeds) == 2
+
+
+@pytest.mark.slow
+def test_quick_config_runs_on_fashion_mnist(tmp_path: Path) -> None:
+    """The shipped quick config end to end on the real data (about a minute on 2 cores)."""
+    from prunekit.experiments import cli
+
+    config_file = CONFIGS / "quick_instability.yaml"
+    assert cli.main(["instability", str(config_file), f"out_dir={tmp_path}"]) == 0
+    cfg = load_config(InstabilityConfig, config_file, [f"out_dir={tmp_path}"])
+    summary = json.loads(RunPaths.for_config(cfg).summary.read_text())
+    assert [r["k"] for r in summary["results"]] == [0, 50, 200]
+    for result in summary["results"]:
+        assert len(result["errors"]) == 11
+        assert all(0.05 < e < 0.3 for e in result["errors"])  # trained, not chance (90 %)
+        assert result["instability"] >= 0.0
+    assert (RunPaths.for_config(cfg).root / "instability.png").is_file()
