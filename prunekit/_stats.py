@@ -151,6 +151,12 @@ def owner(model: nn.Module, name: str, param: Tensor, needs: set[str] | None = N
             "collected for Linear and Conv1d/2d/3d weights (input statistics also for "
             "Hugging Face Conv1D) only"
         )
+    for parent in model.modules():  # its forward is never called: no hook would fire
+        if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is module:
+            raise NotImplementedError(
+                f"{name} is the out_proj of a MultiheadAttention, which uses the weight "
+                "without calling out_proj's forward, so its inputs/outputs cannot be observed"
+            )
     users = [m for m in model.modules() if getattr(m, "weight", None) is param]
     if len(users) != 1:
         raise NotImplementedError(
@@ -178,7 +184,10 @@ class Statistics:
                 try:
                     module = owner(model, name, param, wanted)
                 except NotImplementedError as e:
-                    raise NotImplementedError(f"method={method!r}: {e}") from None
+                    raise NotImplementedError(
+                        f"method={method!r}: {e}; exclude it (exclude=[{name!r}]) or give it "
+                        f"another method (targets={{{name!r}: 'magnitude', ...}})"
+                    ) from None
             if hasattr(param, "device_mesh"):
                 raise NotImplementedError(
                     f"method={method!r} on the sharded (DTensor) parameter {name}: data-aware "

@@ -603,3 +603,19 @@ def test_a_registered_data_aware_method_gets_its_statistics(registered: list[str
     pruner.prune_to(0.4)
     reference = global_lowest(scores, 0.4)
     assert all(torch.equal(pruner.masks[n], reference[n]) for n in WEIGHTS)
+
+
+def test_unobservable_weights_are_refused_with_a_way_out() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    with pytest.raises(
+        NotImplementedError,
+        match=r"1\.self_attn\.in_proj_weight is not the weight of a module.*exclude it",
+    ):
+        Pruner(model, method="wanda")
+    with pytest.raises(NotImplementedError, match=r"out_proj of a MultiheadAttention"):
+        Pruner(model, method="wanda", exclude=["1.self_attn.in_proj_weight"])
+    pruner = Pruner(model, method="wanda", exclude=["1.self_attn.*"])  # the rest is observed
+    pruner.calibrate([torch.randn(2, 3, 8)])
+    pruner.prune_to(0.5)
+    assert pruner.sparsity().pruned == round(0.5 * pruner.sparsity().total)
+    Pruner(model, method="taylor")  # gradients are observed on any parameter
