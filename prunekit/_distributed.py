@@ -358,10 +358,102 @@ def _slice_scores(
         scores[off : off + here] = part.to(sharding.device)
         dist.all_reduce(scores, op=dist.ReduceOp.MAX)
         return scores.to(wide).cpu()
+    if n in (1, 2) and wide == torch.float32:  # exact integer sums: no rounding until the end
+        sums = torch.zeros((size, _buckets(int(n))), dtype=torch.int64, device=sharding.device)
+        sums[off : off + here] = power_sums(weights, int(n), dim).to(sharding.device) * int(own)
+        return norms_from_sums(sharding.reduce(sums), int(n))
     power = (w != 0).double() if n == 0 else w.abs() if n == 1 else w.square()
     scores[off : off + here] = power.sum(dim=others).to(sharding.device) * own
     scores = sharding.reduce(scores)
     return (scores.sqrt() if n == 2 else scores).to(wide).cpu()
+
+
+_DIGIT_BITS = 16  # exact sums: |w|**n split into 16-bit digits, one int64 bucket each
+_SUM_CHUNK = 1 << 20
+
+
+def _buckets(n: int) -> int:
+    # float32 |w| = m * 2**e, m < 2**24, e in [-149, 104]: |w|**n spans n * 277 bits
+    return (n * 277 + 2 * _DIGIT_BITS) // _DIGIT_BITS + 1
+
+
+def power_sums(t: Tensor, n: int, dim: int) -> Tensor:
+    """Exact sums of ``|t|**n`` (n = 1 or 2) over each slice of ``t`` along ``dim``, as
+    int64 digit buckets: row ``i``, column ``b`` holds a sum of 16-bit digits weighing
+    ``2**(16 * b)`` units of ``2**(-149 * n)``. Integer sums: they add up the same in any
+    order, so partial sums from several ranks (all-reduced) equal the whole tensor's.
+
+    ``t`` is float32 or narrower (widened exactly). Each slice may hold up to 2**31
+    entries before a bucket could overflow.
+    """
+    if t.dtype == torch.float64 or not t.is_floating_point():
+        raise TypeError(f"power_sums needs a float32 or narrower tensor, got {t.dtype}")
+    size = t.shape[dim]
+    flat = t.detach().movedim(dim, 0).reshape(-1)  # slice i: entries i*width .. (i+1)*width
+    width = flat.numel() // size if size else 0
+    buckets = _buckets(n)
+    sums = torch.zeros(size * buckets, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), _SUM_CHUNK):  # temporaries: a few chunk-sized ones
+        stop = min(start + _SUM_CHUNK, flat.numel())
+        piece = flat.narrow(0, start, stop - start).float().contiguous()
+        bits = piece.view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
+        exponent = torch.bitwise_right_shift(bits, 23)
+        normal = exponent.gt(0)
+        mantissa = bits.bitwise_and_((1 << 23) - 1).bitwise_or_(normal.to(torch.int64) << 23)
+        e = torch.where(normal, exponent, torch.ones_like(exponent)).sub_(150)  # m * 2**e
+        if n == 1:
+            value, position = mantissa, e.add_(149)  # m * 2**(e + 149) units of 2**-149
+        else:
+            value, position = mantissa.square(), e.mul_(2).add_(298)  # units of 2**-298
+        low = position.remainder(_DIGIT_BITS)
+        row = torch.arange(start, stop, device=flat.device).div_(width, rounding_mode="floor")
+        base = position.div_(_DIGIT_BITS, rounding_mode="floor").add_(row.mul_(buckets))
+        for k in range(3 if n == 2 else 2):  # 16-bit digits of m (24 bits) or m**2 (48)
+            digit = torch.bitwise_right_shift(value, _DIGIT_BITS * k).bitwise_and_(0xFFFF)
+            sums.index_add_(0, base + k, digit.bitwise_left_shift_(low))
+    return sums.view(size, buckets)
+
+
+def norms_from_sums(sums: Tensor, n: int) -> Tensor:
+    """The float32 norms, correctly rounded (nearest, ties to even), of the exact sums
+    :func:`power_sums` gives: ``sum |w|`` for n = 1, ``sqrt(sum w**2)`` for n = 2.
+    One host read; the result is a CPU tensor."""
+    out = []
+    for row in sums.tolist():
+        total = sum(v << (_DIGIT_BITS * b) for b, v in enumerate(row) if v)
+        if n == 1:
+            out.append(_round_f32(total, -149, sticky=False))
+        else:  # sqrt(total * 2**-298) = sqrt(total) * 2**-149; 40 extra bits, then round
+            root = math.isqrt(total << 80)
+            out.append(_round_f32(root, -189, sticky=root * root != total << 80))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _round_f32(q: int, scale: int, *, sticky: bool) -> float:
+    """``q * 2**scale`` (``q`` >= 0, plus something below one unit of ``q`` if
+    ``sticky``) rounded to float32: 24 significant bits, nothing below 2**-149."""
+    if q == 0:
+        return 0.0
+    lsb = max(q.bit_length() - 24 + scale, -149)  # the weight of the result's last bit
+    shift = lsb - scale
+    if shift <= 0:
+        return math.ldexp(q, scale)  # exact (never sticky: callers keep extra bits)
+    q, rest = divmod(q, 1 << shift)
+    half = 1 << (shift - 1)
+    if rest > half or (rest == half and (sticky or q & 1)):
+        q += 1
+    return math.ldexp(q, lsb)  # exact in float64; past float32's range it becomes inf
+
+
+def exact_slice_norms(t: Tensor, n: int, dim: int) -> Tensor:
+    """Correctly rounded float32 Ln norms (n = 1 or 2) of the slices of ``t`` along
+    ``dim`` (float32 or narrower), computed with exact integer sums: the same bits
+    however ``t`` is split, on one process or sharded across ranks.
+
+    >>> exact_slice_norms(torch.tensor([[3.0, -4.0], [1.0, 0.0]]), 2, dim=0)
+    tensor([5., 1.])
+    """
+    return norms_from_sums(power_sums(t, n, dim), n)
 
 
 def _as_like(local_mask: Tensor, ref: DTensor) -> DTensor:

@@ -26,7 +26,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunekit import Pruner
-from prunekit._distributed import place_mask
+from prunekit._distributed import (
+    Layout,
+    Sharding,
+    _slice_scores,
+    exact_slice_norms,
+    place_mask,
+)
 
 
 def make_model(ties: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -102,6 +108,39 @@ def raising(case: str, sharding: str, world: int) -> list[str]:
     messages: list[Any] = [None] * world
     dist.all_gather_object(messages, (message, unchanged))
     return messages
+
+
+def exact_norms(sharding: str, world: int) -> dict[tuple[str, int, int], tuple[Any, Any]]:
+    """The slice scores of the sharded structured path when slices are split across
+    ranks (L1 and L2 along both dims, forced onto the split-slices route even where a
+    rank holds whole slices), next to exact_slice_norms of the whole weight."""
+    from torch.distributed.tensor import DTensor
+
+    model = shard(make_model(False), sharding, world)
+    out = {}
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor) or p.ndim != 2:
+            continue
+        whole = p.full_tensor()
+        sharded = Sharding.of([p])
+        assert sharded is not None
+        layout = Layout.of(p)
+        for n in (1, 2):
+            for dim in (0, 1):
+                scores = _slice_scores(
+                    p.to_local().detach(),
+                    n,
+                    dim,
+                    [1 - dim],
+                    False,
+                    p.shape[dim],
+                    layout.offset[dim],
+                    layout.local[dim],
+                    float(sharded.owns[0]),
+                    sharded,
+                )
+                out[(name, n, dim)] = (scores, exact_slice_norms(whole, n, dim))
+    return out
 
 
 def set_full_masks(sharding: str, world: int) -> tuple[Any, Any]:
@@ -194,6 +233,9 @@ def run(rank: int, world: int, port: int, out: Path, sharding: str, load: str | 
             continue
         if case == "set_full":
             results[case] = set_full_masks(sharding, world)
+            continue
+        if case == "exact_norms":
+            results[case] = exact_norms(sharding, world)
             continue
         kwargs, steps = CASES[case]
         if sharding == "tp" and case in TP_SKIP:

@@ -5,11 +5,16 @@ FakeTensorMode, which raises on any cross-device op, so no GPU is needed)."""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import prunekit._distributed as distributed
 import prunekit._select as select
 from prunekit import Pruner
 from prunekit._distributed import Layout
@@ -330,3 +335,81 @@ def test_float64_nan_refused_before_any_change() -> None:
     with pytest.raises(ValueError, match="t1 holds NaN or inf"):
         select_lowest(key_source(ws, magnitude=True), masks, 10, ["t0", "t1"])
     assert all(bool(m.all()) for m in masks)
+
+
+# ------------------------------------------------------------ exact slice norms
+def _f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def _nearest_f32(x: Fraction) -> float:
+    """x rounded to float32 (nearest, ties to the even significand), by exact comparison
+    with the float32 neighbours of a first guess."""
+    guess = _f32(float(x))
+    below = guess if Fraction(float(guess)) <= x else np.nextafter(guess, _f32(-np.inf))
+    above = np.nextafter(below, _f32(np.inf))
+    mid = (Fraction(float(below)) + Fraction(float(above))) / 2
+    if x < mid:
+        return float(below)
+    if x > mid:
+        return float(above)
+    return float(below if int(np.array(below).view(np.int32)) % 2 == 0 else above)
+
+
+def _nearest_f32_sqrt(s: Fraction) -> float:
+    """sqrt(s) rounded to float32: the float32 pair around it, then the midpoint test
+    sqrt(s) < mid <=> s < mid**2 (exact)."""
+    below = _f32(math.sqrt(float(s)))
+    while Fraction(float(below)) ** 2 > s:
+        below = np.nextafter(below, _f32(-np.inf))
+    while Fraction(float(np.nextafter(below, _f32(np.inf)))) ** 2 <= s:
+        below = np.nextafter(below, _f32(np.inf))
+    above = np.nextafter(below, _f32(np.inf))
+    mid = (Fraction(float(below)) + Fraction(float(above))) / 2
+    if s < mid**2:
+        return float(below)
+    if s > mid**2:
+        return float(above)
+    return float(below if int(np.array(below).view(np.int32)) % 2 == 0 else above)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_exact_slice_norms_are_correctly_rounded_and_do_not_depend_on_the_split(n) -> None:
+    """exact_slice_norms against sums of Python Fractions rounded by hand; rows of
+    subnormals, huge values, zeros, mixed scales and float16 input; partial sums of
+    column blocks (as ranks hold them), added in any order and chunked, give the same
+    bits."""
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(8, 150, generator=g)
+    t[0] *= 1e-40  # subnormal float32 values
+    t[1] *= 1e18  # squares past float32's range: only the norm must fit
+    t[2] = 0.0
+    t[3, ::2] *= 2.0**-60  # scales 60 binades apart in one sum
+    t[4] = 0.0  # n = 1: sums exactly halfway between two float32: ties to even
+    t[4, :2] = torch.tensor([1.0, 2.0**-24])  # 1 + ulp/2: down to 1
+    t[6] = 0.0
+    t[6, :3] = torch.tensor([1.0, 2.0**-23, 2.0**-24])  # 1 + 3 ulp/2: up to 1 + 2 ulp
+    t[5, :-1] = 0.0
+    expected = []
+    for row in t.double().tolist():
+        total = sum(Fraction(abs(v)) ** n for v in row)
+        expected.append(_nearest_f32(total) if n == 1 else _nearest_f32_sqrt(total))
+    got = distributed.exact_slice_norms(t, n, dim=0)
+    assert got.dtype == torch.float32
+    assert got.tolist() == expected
+    assert torch.equal(distributed.exact_slice_norms(t.t().contiguous(), n, dim=1), got)
+    blocks = [t[:, :37], t[:, 37:101], t[:, 101:]]
+    sums = sum(distributed.power_sums(b, n, 0) for b in reversed(blocks))
+    assert torch.equal(distributed.norms_from_sums(sums, n), got)
+    half = t.half()
+    wide = distributed.exact_slice_norms(half.float(), n, dim=0)
+    assert torch.equal(distributed.exact_slice_norms(half, n, dim=0), wide)
+
+
+def test_power_sums_are_chunk_free(monkeypatch) -> None:
+    t = torch.randn(5, 301, generator=torch.Generator().manual_seed(9))
+    whole = distributed.power_sums(t, 2, 0)
+    monkeypatch.setattr(distributed, "_SUM_CHUNK", 64)  # chunks cut through slices
+    assert torch.equal(distributed.power_sums(t, 2, 0), whole)
+    with pytest.raises(TypeError, match="float32 or narrower"):
+        distributed.power_sums(t.double(), 2, 0)

@@ -38,7 +38,7 @@ def run_worker(
 
 
 def check_cases(results: dict[str, Any], expected_cases: set[str]) -> None:
-    cases = {c for c in results if c not in ("trained", "loaded", "nm_split", "set_full")}
+    cases = {c for c in results} - {"trained", "loaded", "nm_split", "set_full", "exact_norms"}
     assert cases == expected_cases
     for case in cases:
         sharded, single, reported = results[case]
@@ -120,20 +120,33 @@ def check_whole_masks_placed(results: dict[str, Any], world: int) -> None:
     assert len(refusals) == world
 
 
-def test_tensor_parallel_split_groups_and_whole_masks(tmp_path: Path) -> None:
-    results = run_worker(tmp_path, 2, "tp", cases="nm_split,nm3,set_full")
+def check_exact_norms(results: dict[str, Any]) -> None:
+    """L1/L2 slice scores summed across ranks (exact integer sums, then rounded once)
+    equal exact_slice_norms of the whole weight bit for bit, whatever the split."""
+    pairs = results["exact_norms"]
+    assert len(pairs) == 3 * 2 * 2  # 3 weights, n = 1 and 2, dim = 0 and 1
+    for key, (sharded, whole) in pairs.items():
+        assert sharded.dtype == whole.dtype == torch.float32, key
+        assert torch.equal(sharded, whole), key
+
+
+def test_tensor_parallel_split_groups_whole_masks_exact_norms(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 2, "tp", cases="nm_split,nm3,set_full,exact_norms")
     check_cases(results, {"nm3"})
     check_split_groups_refused(results, 2)
     check_whole_masks_placed(results, 2)
+    check_exact_norms(results)
 
 
 @pytest.mark.slow
-def test_split_groups_and_whole_masks_on_four_ranks(tmp_path: Path) -> None:
-    results = run_worker(tmp_path, 4, "tp", cases="nm_split,set_full")
+def test_split_groups_whole_masks_exact_norms_on_four_ranks(tmp_path: Path) -> None:
+    results = run_worker(tmp_path, 4, "tp", cases="nm_split,set_full,exact_norms")
     check_split_groups_refused(results, 4)
     check_whole_masks_placed(results, 4)
-    fsdp = run_worker(tmp_path / "fsdp", 4, "fsdp", cases="set_full")
+    check_exact_norms(results)
+    fsdp = run_worker(tmp_path / "fsdp", 4, "fsdp", cases="set_full,exact_norms")
     check_whole_masks_placed(fsdp, 4)
+    check_exact_norms(fsdp)
 
 
 @pytest.mark.slow
