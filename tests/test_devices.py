@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,8 +198,9 @@ def test_masking_keeps_everything_on_the_tensor_device() -> None:
         assert model.weight.device.type == "cuda" and grad.device.type == "cuda"
 
 
-def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(capsys) -> None:
+def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(capsys, monkeypatch) -> None:
     """benchmarks/gpu.py (meant for a GPU) checks exactness the same way on the CPU."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/
     from benchmarks import gpu
 
     args = [

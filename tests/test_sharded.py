@@ -290,10 +290,11 @@ def test_lightning_checkpoint_of_two_ranks_resumes_on_another_world_size(
 
 
 @pytest.mark.slow
-def test_sharded_benchmark_runs_at_a_tiny_size() -> None:
+def test_sharded_benchmark_runs_at_a_tiny_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/sharded.py (meant for ~200M parameters) at 300k on 2 ranks: prunekit's
     count is exact and its traffic a few histograms (under 2.2 MB), while the gather
     sends 4 bytes per weight of the rank."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/
     from benchmarks import sharded
 
     (result,) = sharded.main(["--size", "300k", "--tensors", "3", "--world", "2"])
