@@ -251,7 +251,7 @@ def test_the_fake_mode_catches_device_mixing() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "fused_adamw"])
 @pytest.mark.parametrize("cache_masks", [None, True])
 def test_pruner_step_hooks_end_to_end_on_fake_cuda(monkeypatch, optimizer, cache_masks) -> None:
     """A Pruner on fake CUDA parameters (float32 and float64, so both the 32-bit and the
@@ -272,6 +272,8 @@ def test_pruner_step_hooks_end_to_end_on_fake_cuda(monkeypatch, optimizer, cache
         pruner = Pruner(model, targets=["a", "b", "c"])
         if optimizer == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        elif optimizer == "fused_adamw":  # the GPU step of the issue (one fused kernel)
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         pruner.attach(opt, cache_masks=cache_masks)
