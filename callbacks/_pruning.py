@@ -491,10 +491,14 @@ class Pruning(Callback):
         masks, method = self.pruner.masks, self.pruner_args["method"]
         dim = self.pruner_args.get("dim", 0) if "structured" in method else None
         counts: dict[str, tuple[int, int]] = {}  # name -> (kept, total), in slices if structured
+        # whole-tensor counts when sharded (a DTensor's count_nonzero is this rank's share)
+        pruned = {t.name: t.pruned for t in self.pruner.sparsity().targets} if dim is None else {}
         for name, mask in masks.items():
             if dim is None:
-                counts[name] = (int(mask.count_nonzero()), mask.numel())
+                counts[name] = (mask.numel() - pruned[name], mask.numel())
             else:
+                if isinstance(mask, DTensor):  # slices span ranks: the whole mask
+                    mask = mask.full_tensor()
                 alive = mask.flatten(1) if dim == 0 else mask.movedim(dim, 0).flatten(1)
                 counts[name] = (int(alive.any(dim=1).sum()), mask.shape[dim])
         target: int | dict[str, int]
