@@ -713,6 +713,7 @@ def combine(run_dirs: Sequence[str | Path], plot: Path | None = None) -> str:
         if summary.get("kind") != "instability":
             raise ValueError(f"{run} is not an instability run (kind={summary.get('kind')!r})")
         summaries.append(summary)
+    summaries.sort(key=lambda summary: summary["seed"])
     text = combined_table(summaries)
     if plot is not None:
         text += f"\n\nplot: {plot_instability(summaries, Path(plot))}"
