@@ -9,7 +9,9 @@ gradients equal one process's) and rank 0 writes OUT/result.pt: per update the s
 logged target and actual sparsity and the whole masks; OUT/ckpt holds checkpoints
 written every 4 steps. With CKPT, the fit resumes from it. With the environment variable
 KILL_AT_STEP=N, the first rank to start step N SIGKILLs the whole process group (every
-rank), as a crash or a pre-empted job would end it.
+rank), as a crash or a pre-empted job would end it. With RELATIVE_METHOD=METHOD, the
+callback prunes 10 % of what remains at every step (``amount=0.1``) with that method
+(global scope; structured methods: layer scope, rows) instead of following a schedule.
 """
 
 from __future__ import annotations
@@ -100,7 +102,14 @@ def main() -> None:
     devices = int(mode.removesuffix("mp"))
     ckpt = sys.argv[3] if len(sys.argv) > 3 else None
     out.mkdir(parents=True, exist_ok=True)
-    pruning = Recorder(Polynomial(0.0, 0.8, begin=2, end=12, frequency=2), seed=5)
+    relative = os.environ.get("RELATIVE_METHOD")  # prune 10 % of what remains each step
+    if relative:
+        kwargs: dict[str, Any] = {"method": relative, "scope": "global"}
+        if relative != "magnitude":
+            kwargs.update(scope="layer", options={"dim": 0})
+        pruning = Recorder(amount=0.1, unit="step", seed=5, **kwargs)
+    else:
+        pruning = Recorder(Polynomial(0.0, 0.8, begin=2, end=12, frequency=2), seed=5)
     pruning.records = []
     metrics = Metrics()
     save = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)

@@ -189,13 +189,20 @@ LIGHTNING = Path(__file__).with_name("sharded_lightning_worker.py")
 
 
 def run_lightning(
-    out: Path, devices: str, ckpt: Path | None = None, kill_at: int | None = None
+    out: Path,
+    devices: str,
+    ckpt: Path | None = None,
+    kill_at: int | None = None,
+    relative: str | None = None,
 ) -> dict[str, Any]:
     """The Lightning worker in a session of its own (its process group is every rank);
-    with ``kill_at``, it must die by SIGKILL at that step, and nothing is returned."""
+    with ``kill_at``, it must die by SIGKILL at that step, and nothing is returned; with
+    ``relative`` (a method), the callback prunes 10 % of what remains at every step."""
     env = dict(os.environ)
     if kill_at is not None:
         env["KILL_AT_STEP"] = str(kill_at)
+    if relative is not None:
+        env["RELATIVE_METHOD"] = relative
     args = [sys.executable, str(LIGHTNING), str(out), devices]
     done = subprocess.run(
         args + ([str(ckpt)] if ckpt else []),
@@ -258,6 +265,34 @@ def test_lightning_model_parallel_matches_one_process_and_resumes(
     ckpt = two / "ckpt" / "epoch=0-step=8.ckpt"
     assert (ckpt / "meta.pt").exists()  # a distributed checkpoint directory
     check_resumed(run_lightning(tmp_path / "resumed", "2", ckpt), sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magnitude", "ln_structured"])
+def test_lightning_relative_amounts_match_one_process(tmp_path: Path, method: str) -> None:
+    """Pruning(amount=0.1, unit="step") (10 % of what remains, every step) under
+    ModelParallelStrategy on 2 ranks: what remains is counted over the whole tensors (a
+    sharded mask's own count_nonzero is one rank's share: the ranks used to compute
+    different targets and the fit died in a collective), so every update's masks and
+    the logged values equal one process's."""
+    single = run_lightning(tmp_path / "one", "1", relative=method)
+    sharded = run_lightning(tmp_path / "two", "2", relative=method)
+    steps = [r["step"] for r in single["records"]]
+    assert steps == [r["step"] for r in sharded["records"]] == list(range(1, 15))
+    for a, b in zip(single["records"], sharded["records"], strict=True):
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), (a["step"], name)
+    assert sharded["logged"] == single["logged"]
+    last = single["records"][-1]["masks"]
+    if method == "magnitude":  # 14 times 10 % of what remains, counted by hand
+        kept, total = (
+            sum(int(m.sum()) for m in last.values()),
+            sum(m.numel() for m in last.values()),
+        )
+        expected = total
+        for _ in range(14):
+            expected -= round(0.1 * expected)
+        assert kept == expected
 
 
 @pytest.mark.slow
