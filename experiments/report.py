@@ -500,6 +500,11 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
                 oneshot_rows(summaries),
             )
         )
+    for (kind, _), g in groups.items():
+        if kind == "instability":  # its runner's table (imported here: it imports this module)
+            from prunekit.experiments.instability import combined_table
+
+            lines.append(combined_table(sorted((s for _, s in g), key=lambda s: s["seed"])))
     if plot_path is not None:
         written = _plot_groups(groups, Path(plot_path))
         gradual_runs = [
@@ -530,6 +535,10 @@ def _plot_groups(
             plot_lottery([s for _, s in g], path)
         elif kind == "oneshot":
             plot_oneshot([s for _, s in g], path)
+        elif kind == "instability":
+            from prunekit.experiments.instability import plot_instability
+
+            plot_instability(sorted((s for _, s in g), key=lambda s: s["seed"]), path)
         else:
             plot_gradual(g, path)
         written.append(path)

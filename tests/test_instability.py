@@ -370,3 +370,13 @@ def test_quick_config_runs_on_fashion_mnist(tmp_path: Path) -> None:
         assert all(0.05 < e < 0.3 for e in result["errors"])  # trained, not chance (90 %)
         assert result["instability"] >= 0.0
     assert (RunPaths.for_config(cfg).root / "instability.png").is_file()
+
+
+def test_report_shows_instability_runs(dense_run: Any, tmp_path: Path) -> None:
+    from prunekit.experiments import report
+
+    cfg, summary, _ = dense_run
+    root = RunPaths.for_config(cfg).root
+    text = report.compare([root], tmp_path / "cmp.png")
+    assert instability.combined_table([summary]) in text  # not silently left out
+    assert (tmp_path / "cmp.png").is_file()
