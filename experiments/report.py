@@ -318,10 +318,15 @@ def plot_methods(
             capsize=2,
             label=f"{label} (n={n})",
         )
-    dense = [s["dense_test_acc"] for s in summaries if s.get("dense_test_acc") is not None]
+    # one dense model per (model, seed), however many runs started from it
+    dense = {
+        (s["model"], s["seed"], s["dense_test_acc"])
+        for s in summaries
+        if s.get("dense_test_acc") is not None
+    }
     if dense:
-        mean, _, n = mean_std(dense)
-        ax.axhline(mean, linestyle=":", color="0.4", label=f"dense (mean of {n})")
+        mean, _, n = mean_std(acc for _, _, acc in dense)
+        ax.axhline(mean, linestyle=":", color="0.4", label=f"dense (mean of {n} models)")
     ax.legend(fontsize="small")
     fig.savefig(path)
     return path
