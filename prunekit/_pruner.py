@@ -20,7 +20,14 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from prunekit import _methods  # noqa: F401  (registers the data-aware methods)
-from prunekit._distributed import full_mask, like, local, new_mask, structured_mask
+from prunekit._distributed import (
+    full_mask,
+    like,
+    local,
+    new_mask,
+    place_mask,
+    structured_mask,
+)
 from prunekit._masks import Method, _prune_slices, get_method, list_methods, zero_pruned_
 from prunekit._methods import rank_rows
 from prunekit._report import SparsityReport, TargetSparsity
@@ -950,7 +957,10 @@ class Pruner:
                 raise ValueError(
                     f"masks[{name!r}] must be a bool tensor of shape {tuple(self.masks[name].shape)}"
                 )
-        new = {n: self.masks[n] & m.to(self.masks[n].device) for n, m in masks.items()}
+        new = {
+            n: self.masks[n] & place_mask(m, self.masks[n], f"masks[{n!r}]")
+            for n, m in masks.items()
+        }
         self._check_norms(new)
         for name, mask in new.items():
             self.masks[name].copy_(mask)

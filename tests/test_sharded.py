@@ -150,13 +150,6 @@ def test_split_groups_whole_masks_exact_norms_on_four_ranks(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="MISSING PIECE (prunekit/_pruner.py, not this file's owner's): Pruner.set_masks "
-    "must place each given mask with prunekit._distributed.place_mask(mask, self.masks[n], "
-    "f'masks[{n!r}]') instead of mask.to(self.masks[n].device); today a whole mask on a "
-    "sharded model raises torch's 'got mixed torch.Tensor and DTensor' RuntimeError",
-)
 def test_pruner_set_masks_takes_whole_masks_on_a_sharded_model(tmp_path: Path) -> None:
     results = run_worker(tmp_path, 2, "fsdp", cases="set_full")
     outcome, outcomes, single, _, _ = results["set_full"]
