@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             from prunekit.experiments.lottery import lottery_table, run_lottery
 
             cfg = load_config(LotteryConfig, args.config, args.overrides)
-            summary = run_lottery(cfg)
+            summary = run_lottery(cfg, jobs=jobs.positive_int("--jobs", args.jobs or 1))
             run = RunPaths.for_config(cfg).root
             plot, written = RunPaths(run).accuracy_plot, RunPaths(run).summary.stat().st_mtime_ns
             if not plot.is_file() or plot.stat().st_mtime_ns < written:  # else: reported
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunFolderError, OSError) as e:  # OSError: e.g. a full disk
         print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except jobs.UnitError as e:  # a unit of a --jobs N lottery run failed: named in e
+        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ NOT_IN_NAME = ("seed", "name", *UNHASHED_KEYS)
 
 #: Seconds a stopped child gets to exit after SIGTERM before it is killed.
 STOP_GRACE_S = 10.0
+
+#: Seconds a worker process (:class:`WorkerPool`) still starting up gets to return when
+#: every unit is done, before it is terminated.
+START_WAIT_S = 2.0
 
 CLUSTERS = ("slurm", "local")
 
@@ -447,6 +452,22 @@ def configs_and_overrides(args: Any) -> tuple[list[str], list[str]]:
     return configs, rest
 
 
+def processes_per_run(command: str, jobs: int, runs: int) -> int:
+    """How many of the ``jobs`` process slots each run gets when several runs share them:
+    one, except for lottery runs when there are fewer runs than slots: ``jobs // runs``
+    each (a lottery run trains its controls in its extra processes; see
+    :func:`prunekit.experiments.lottery.run_lottery`).
+
+    >>> processes_per_run("lottery", 4, 2), processes_per_run("lottery", 4, 3)
+    (2, 1)
+    >>> processes_per_run("run", 4, 2), processes_per_run("lottery", 2, 5)
+    (1, 1)
+    """
+    if command != "lottery" or runs >= jobs:
+        return 1
+    return max(1, jobs // runs)
+
+
 def main(args: Any, out: TextIO | None = None) -> int | None:
     """``prunekit run|lottery`` with several runs, ``--jobs`` or ``--cluster``: plan and
     check every run, then run them; the exit status. None when the arguments name one
@@ -475,27 +496,30 @@ def main(args: Any, out: TextIO | None = None) -> int | None:
         )
     else:
         jobs = positive_int("--jobs", args.jobs or 1)
+        per_run = processes_per_run(args.command, jobs, len(specs))
         tasks = [
             Task(
                 spec.label,
-                [*CHILD, *spec.argv(threads)],
+                [*CHILD, *spec.argv(threads), *(["--jobs", str(per_run)] if per_run > 1 else [])],
                 RunPaths(spec.folder).job_log,
                 {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
             )
             for spec in specs
         ]
         cores = os.cpu_count() or 1
+        at_once = min(jobs, len(specs))
+        each = f", each with --jobs {per_run} for its controls" if per_run > 1 else ""
         print(
-            f"prunekit {args.command}: {len(specs)} runs, {min(jobs, len(specs))} at a time, "
-            f"{threads} torch thread(s) each ({cores} CPU cores here); each run's output "
-            "goes to <run folder>/job.log",
+            f"prunekit {args.command}: {len(specs)} runs, {at_once} at a time{each}, "
+            f"{threads} torch thread(s) per process ({cores} CPU cores here); each run's "
+            "output goes to <run folder>/job.log",
             file=out,
             flush=True,
         )
-        if min(jobs, len(specs)) * threads > cores:
+        if at_once * per_run * threads > cores:
             print(
-                f"note: {min(jobs, len(specs))} runs x --threads {threads} > {cores} cores: runs will "
-                "compete for the cores",
+                f"note: {at_once * per_run} processes x --threads {threads} > {cores} cores: "
+                "they will compete for the cores",
                 file=out,
                 flush=True,
             )
@@ -848,3 +872,220 @@ def _cancel(jobs_: dict[int, Any], outcomes: Sequence[Outcome], out: TextIO) -> 
         with contextlib.suppress(Exception):  # one that cannot be cancelled: the others still are
             job.cancel(check=False)
         outcomes[i].status = "cancelled"
+
+
+# ------------------------------------------------------------------------ units of one run
+class UnitError(RuntimeError):
+    """A unit of a run (``prunekit lottery --jobs N``: one round's control) failed; the
+    message names the unit, the process it ran in and the error (a worker's traceback)."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (even by SIGKILL), so a
+    worker never outlives the run that holds the run folder's lock."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _worker_main(setup: Any, args: tuple[Any, ...], tasks: Any, results: Any, parent: int) -> None:
+    """A worker process: ``run = setup(*args)``, then ``run(unit)`` for each unit taken
+    from ``tasks`` until None; every step is reported on ``results``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its workers itself
+    _die_with_parent(parent)
+    pid = os.getpid()
+    try:
+        run = setup(*args)
+    except BaseException:
+        results.put(("setup failed", None, pid, traceback.format_exc()))
+        return
+    while True:
+        unit = tasks.get()
+        if unit is None:
+            return
+        results.put(("taken", unit, pid, ""))
+        try:
+            run(unit)
+        except BaseException:
+            results.put(("failed", unit, pid, traceback.format_exc()))
+            return
+        results.put(("done", unit, pid, ""))
+
+
+class WorkerPool:
+    """Independent units of one run in ``workers`` worker processes (``spawn``), beside
+    the parent process, which keeps working on what the units depend on.
+
+    Each worker calls ``setup(*args)`` once (``setup`` a module-level function; it
+    returns the callable that runs one unit) and then takes units from a shared queue
+    as they are :meth:`submit`-ted, so a free worker starts the next ready unit at once.
+    :meth:`check` raises :class:`UnitError` as soon as a unit has failed or a worker has
+    died; :meth:`finish` runs the units no worker has taken in this process (the parent
+    is free by then) and waits for the rest. Leaving the ``with`` block stops the
+    workers: at once (SIGTERM, SIGKILL after ``STOP_GRACE_S``) when it is left by an
+    error or Ctrl-C; SIGTERM or SIGHUP to the parent counts as Ctrl-C meanwhile. Workers
+    ignore SIGINT (the parent stops them) and, on Linux, die with the parent.
+
+    Units must be picklable; ``name(unit)`` says which unit in messages.
+    """
+
+    def __init__(
+        self,
+        setup: Any,
+        args: tuple[Any, ...],
+        workers: int,
+        name: Any = str,
+    ) -> None:
+        import multiprocessing
+
+        positive_int("workers", workers)
+        self.name = name
+        ctx = multiprocessing.get_context("spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.waiting: set[Any] = set()  # submitted, taken by nobody yet
+        self.taken: dict[Any, int] = {}  # unit -> pid of the worker training it
+        self.done: list[Any] = []
+        self._signals = _sigterm_as_interrupt()
+        self._signals.__enter__()
+        self.procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(setup, args, self.tasks, self.results, os.getpid()),
+                name=f"prunekit-worker-{i}",
+            )
+            for i in range(workers)
+        ]
+        try:
+            for proc in self.procs:
+                proc.start()
+        except BaseException:
+            self.stop(now=True)
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        self.stop(now=kind is not None)
+
+    def submit(self, unit: Any) -> None:
+        """Queue ``unit``: the first free worker takes it."""
+        self.waiting.add(unit)
+        self.tasks.put(unit)
+
+    def _handle(self, message: tuple[str, Any, int, str]) -> None:
+        what, unit, pid, text = message
+        if what == "taken":
+            self.waiting.discard(unit)
+            self.taken[unit] = pid
+        elif what == "done":
+            self.taken.pop(unit, None)
+            self.done.append(unit)
+        elif what == "failed":
+            raise UnitError(f"{self.name(unit)} failed in worker process {pid}:\n{text.rstrip()}")
+        else:
+            raise UnitError(f"worker process {pid} could not start:\n{text.rstrip()}")
+
+    def check(self, wait_s: float = 0.0) -> None:
+        """Read what the workers reported (waiting up to ``wait_s`` for a first message);
+        raise :class:`UnitError` for a failed unit or a worker that died."""
+        import queue
+
+        dead = [p for p in self.procs if p.exitcode is not None]  # before reading: no race
+        try:
+            message = self.results.get(timeout=wait_s) if wait_s > 0 else None
+            if message is not None:
+                self._handle(message)
+            while True:
+                self._handle(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        for proc in dead:
+            units = [self.name(u) for u, pid in self.taken.items() if pid == proc.pid]
+            doing = f" while running {', '.join(units)}" if units else ""
+            raise UnitError(f"worker process {proc.pid} died (exit code {proc.exitcode}){doing}")
+
+    def finish(self, run_here: Any) -> None:
+        """Until every submitted unit is done: run a unit no worker has taken here
+        (``run_here(unit)``; None: only wait), or wait for the workers. A unit failing
+        here raises :class:`UnitError` naming it too."""
+        import queue
+
+        while self.waiting or self.taken:
+            self.check()
+            if not self.waiting or run_here is None:
+                self.check(wait_s=0.2)
+                continue
+            try:
+                unit = self.tasks.get(timeout=0.05)
+            except queue.Empty:  # a worker took it meanwhile, or not yet flushed
+                continue
+            self.waiting.discard(unit)
+            try:
+                run_here(unit)
+            except Exception as e:
+                raise UnitError(
+                    f"{self.name(unit)} failed in this process (pid {os.getpid()}): "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            self.done.append(unit)
+        self.check()
+
+    def stop(self, now: bool = False) -> None:
+        """Stop the workers. Normally (every unit done) each is told to return, and one
+        still starting up after ``START_WAIT_S`` is terminated (it has nothing to do);
+        ``now`` (an error, Ctrl-C): SIGTERM at once. SIGKILL after ``STOP_GRACE_S``;
+        each is waited for. A worker that had exited by itself with an error is named on
+        stderr (its units were trained here)."""
+        terminated: set[int] = set()
+
+        def terminate(proc: Any) -> None:
+            if proc.pid is not None and proc.exitcode is None:
+                terminated.add(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+
+        try:
+            if now:
+                self.tasks.cancel_join_thread()
+                for proc in self.procs:
+                    terminate(proc)
+            else:
+                for proc in self.procs:
+                    if proc.pid is not None:
+                        self.tasks.put(None)
+                deadline = time.monotonic() + START_WAIT_S
+                for proc in self.procs:
+                    if proc.pid is not None:
+                        proc.join(max(0.0, deadline - time.monotonic()))
+                for proc in self.procs:
+                    terminate(proc)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for proc in self.procs:
+                if proc.pid is None:
+                    continue
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+            for proc in self.procs:
+                if proc.exitcode not in (0, None) and proc.pid not in terminated and not now:
+                    print(
+                        f"note: worker process {proc.pid} exited with code {proc.exitcode} "
+                        "(its output is above; from your own script, start runs under "
+                        "`if __name__ == '__main__':`); its units were trained here",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            self.results.cancel_join_thread()
+            self._signals.__exit__(None, None, None)

@@ -54,13 +54,30 @@ so the weights load into a fresh ``build_model(cfg.model)``), Lightning CSV metr
 ``logs/round_RR_VARIANT/metrics.csv``, and ``summary.json``. A finished round (its
 ``.json`` and ``.pt`` exist) is reused, not retrained, when the run is started again;
 ``rounds`` is not part of the run folder's hash, so raising it extends a run.
+
+Parallel units (``prunekit lottery CONFIG --jobs N``, :func:`run_lottery` ``jobs=N``):
+the lottery variant of round ``r`` needs round ``r - 1``'s, but a control of round ``r``
+needs only files already written when round ``r``'s lottery variant is done (its mask
+in ``round_RR/lottery.pt``, ``init.pt``, ``rewind.ckpt``, round ``r - 1``'s final
+weights). So this process trains the lottery chain (rounds 0, 1, 2, ...) while up to
+``N - 1`` worker processes (:class:`prunekit.experiments.jobs.WorkerPool`, each with this
+process's torch thread count) train the controls of finished rounds, pipelined; once
+the chain is done this process trains the controls no worker has started. Every unit
+reads what it needs from the run folder and trains exactly as a serial run does, so
+every file is bit-identical to ``jobs=1`` (only ``wall_s`` differs). Workers run under
+this process's run lock (they check that their parent holds it) and never take it; a
+second independent run on the folder is still refused. A failing unit fails the run
+with :class:`~prunekit.experiments.jobs.UnitError` naming it; Ctrl-C (or SIGTERM) stops
+the workers; finished units are reused when the run is started again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,6 +91,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from prunekit.callbacks import HoldMasks, RewindPoint
+from prunekit.experiments import jobs as _jobs_module
 from prunekit.experiments import training
 from prunekit.experiments.config import CONTROLS, ConfigError, check_config
 from prunekit.experiments.data import FashionMNISTDataModule
@@ -82,6 +100,7 @@ from prunekit.experiments.module import Classifier
 from prunekit.experiments.paths import (
     RunFolderError,
     RunPaths,
+    check_locked_by,
     check_writable,
     config_hash,
     load_torch,
@@ -104,14 +123,21 @@ VARIANTS = ("lottery", *CONTROLS)
 _PREFIX = "model."  # the Classifier holds the network as ``self.model``
 _REINIT_SEED, _RANDOM_PRUNE_SEED = 1000, 2000  # offsets added to seed + round
 _REDO = "delete it (and the rounds after it) to train that round again"
+#: With jobs > 1, this process trains the controls no worker has started once the lottery
+#: rounds are done (False: it only waits for the workers; the tests use that).
+_PARENT_TRAINS_CONTROLS = True
 
 Masks = dict[str, Tensor]
 Weights = dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------- public API
-def run_lottery(cfg: DictConfig) -> dict[str, Any]:
+def run_lottery(cfg: DictConfig, jobs: int = 1) -> dict[str, Any]:
     """Run (or continue) a lottery-ticket experiment; returns and writes its summary.
+
+    ``jobs``: processes for this run (default 1: everything here, in order); with N > 1
+    the controls of finished rounds train in up to N - 1 worker processes while this
+    one trains the lottery chain (module docstring), with bit-identical results.
 
     Everything is validated before any training: the run folder is writable, the data
     folder exists, ``layer_rates`` keys name pruned parameters, the rewind mode and the
@@ -130,20 +156,68 @@ def run_lottery(cfg: DictConfig) -> dict[str, Any]:
     step), ``wall_s`` and ``evaluations`` (``step``, ``val_loss``, ``val_acc``,
     ``test_acc`` at each validation; the last step is always evaluated).
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r} must be a whole number >= 1")
     started = time.perf_counter()
     with _Run.prepare(cfg) as run:
-        return _run_rounds(cfg, run, started)
+        return _run_rounds(cfg, run, started, jobs)
 
 
-def _run_rounds(cfg: DictConfig, run: _Run, started: float) -> dict[str, Any]:
-    records: list[dict[str, Any]] = []
-    previous: _Finished | None = None
-    for r in range(cfg.rounds + 1):
-        lottery = run.round(r, "lottery", previous, None)
-        records.append(lottery.record)
-        for control in cfg.controls if r else ():
-            records.append(run.round(r, control, previous, lottery).record)
-        previous = lottery
+def _unit_name(unit: tuple[int, str]) -> str:
+    return f"round {unit[0]} {unit[1]}"
+
+
+def _run_rounds(cfg: DictConfig, run: _Run, started: float, jobs: int = 1) -> dict[str, Any]:
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    controls = [(r, c) for r in range(1, cfg.rounds + 1) for c in cfg.controls]
+    todo = [u for u in controls if not run.is_finished(*u)]
+    workers = min(jobs - 1, len(todo))
+    with contextlib.ExitStack() as stack:
+        pool: _jobs_module.WorkerPool | None = None
+        if workers > 0:
+            threads = torch.get_num_threads()
+            pool = stack.enter_context(
+                _jobs_module.WorkerPool(
+                    _worker,
+                    (cfg, str(run.paths.root), threads, os.getpid()),
+                    workers,
+                    name=_unit_name,
+                )
+            )
+            training.progress(
+                f"lottery run {run.paths.root}: the lottery rounds here (pid {os.getpid()}), "
+                f"{len(todo)} control trainings in {workers} worker process(es) "
+                f"(pid {', '.join(map(str, pool.pids))}; {threads} torch thread(s) each) "
+                "and here once the rounds are done"
+            )
+        previous: _Finished | None = None
+        for r in range(cfg.rounds + 1):
+            lottery = run.round(r, "lottery", previous, None)
+            done[(r, "lottery")] = lottery.record
+            for control in cfg.controls if r else ():
+                if pool is None:
+                    done[(r, control)] = run.round(r, control, previous, lottery).record
+                    continue
+                reused = run.reuse(r, control)
+                if reused is not None:
+                    done[(r, control)] = reused.record
+                else:
+                    pool.submit((r, control))
+            if pool is not None:
+                pool.check()
+            previous = lottery
+        if pool is not None:
+            pool.finish((lambda unit: run.control(*unit)) if _PARENT_TRAINS_CONTROLS else None)
+            for unit in controls:  # read back what the workers wrote (checked, files listed)
+                if unit not in done:
+                    finished = run.reuse(*unit, quiet=True)
+                    if finished is None:
+                        raise _jobs_module.UnitError(f"{_unit_name(unit)}: no result was written")
+                    done[unit] = finished.record
+    order = [
+        (r, v) for r in range(cfg.rounds + 1) for v in ("lottery", *(cfg.controls if r else ()))
+    ]
+    records = [done[unit] for unit in order]
     summary = {
         "kind": "lottery",
         "name": cfg.name,
@@ -252,6 +326,7 @@ class _Run:
         template: Classifier,
         names: list[str],
         rates: dict[str, float],
+        write: bool = True,
     ) -> None:
         self.cfg, self.paths, self.dm = cfg, paths, dm
         self.template, self.names, self.rates = template, names, rates
@@ -259,8 +334,8 @@ class _Run:
         self.sizes = {n: template.get_parameter(n).numel() for n in names}
         self.files: set[str] = set()
         self.fits = 1 + cfg.rounds * (1 + len(cfg.controls))
-        self.fit_index = 0
-        self.initial = self._initial_weights()
+        self.where = ""  # a worker process: " (worker pid N)" in its progress lines
+        self.initial = self._initial_weights(write=write)
 
     @classmethod
     @contextlib.contextmanager
@@ -281,9 +356,26 @@ class _Run:
             training.progress(f"lottery run {paths.root}: {run.fits} trainings")
             yield run
 
-    def _initial_weights(self) -> Weights:
+    @classmethod
+    def attach(cls, cfg: DictConfig, root: Path, parent: int) -> _Run:
+        """The run of a worker process: the parent ``parent`` prepared ``root`` (the run
+        folder of ``cfg``, with its ``init.pt``) and holds its lock, which is checked."""
+        check_config(cfg)
+        paths = RunPaths.for_config(cfg)
+        if paths.root.resolve() != Path(root).resolve():
+            raise RunFolderError(f"the config's run folder {paths.root} is not {root}")
+        check_locked_by(paths.root, parent)
+        template = _module(cfg, seed=cfg.seed)
+        names = Pruner(template).names
+        rates = _resolve_layer_rates(cfg, template, names)
+        dm = training.datamodule(cfg, cfg.seed)
+        run = cls(cfg, paths, dm, template, names, rates, write=False)
+        run.where = f" (worker pid {os.getpid()})"
+        return run
+
+    def _initial_weights(self, write: bool = True) -> Weights:
         path = self.paths.initial_weights
-        if path.is_file():
+        if path.is_file() or not write:
             weights = _net_to_module(self._checked(path, load_torch(path), self.template))
         else:
             weights = _clone(self.template.state_dict())
@@ -300,13 +392,9 @@ class _Run:
         ``previous`` is round ``r - 1``'s lottery result (None in round 0), ``lottery``
         this round's (for the controls, which reuse its mask).
         """
-        self.fit_index += 1
-        label = f"[{self.fit_index}/{self.fits}] round {r}/{self.cfg.rounds} {variant}"
-        done = self._load(r, variant)
+        label = self._label(r, variant)
+        done = self.reuse(r, variant)
         if done is not None:
-            training.progress(
-                f"{label}: finished before, reusing {self._rel(self._json(r, variant))}"
-            )
             return done
         masks = self._masks(r, variant, previous, lottery)
         start = self._start(r, variant, previous)
@@ -324,6 +412,37 @@ class _Run:
             f"({rec['wall_s']:.0f}s)"
         )
         return finished
+
+    def _label(self, r: int, variant: str) -> str:
+        """``[i/n] round r/R variant``: i counts trainings in the serial order."""
+        i = 1 if r == 0 else 2 + (r - 1) * (1 + len(self.cfg.controls))
+        if variant != "lottery":
+            i += 1 + list(self.cfg.controls).index(variant)
+        return f"[{i}/{self.fits}] round {r}/{self.cfg.rounds} {variant}{self.where}"
+
+    def is_finished(self, r: int, variant: str) -> bool:
+        """Whether round ``r`` of ``variant`` has its record and state (not checked)."""
+        return self._json(r, variant).is_file() and self.paths.round_state(r, variant).is_file()
+
+    def reuse(self, r: int, variant: str, quiet: bool = False) -> _Finished | None:
+        """Round ``r`` of ``variant`` if it finished before (checked; files listed)."""
+        done = self._load(r, variant)
+        if done is not None and not quiet:
+            training.progress(
+                f"{self._label(r, variant)}: finished before, reusing "
+                f"{self._rel(self._json(r, variant))}"
+            )
+        return done
+
+    def control(self, r: int, variant: str) -> _Finished:
+        """A control of round ``r`` >= 1 from the run folder alone (the lottery results of
+        rounds ``r - 1`` and ``r``): what a worker process trains."""
+        previous, lottery = self._load(r - 1, "lottery"), self._load(r, "lottery")
+        if previous is None or lottery is None or variant == "lottery" or r < 1:
+            raise RuntimeError(
+                f"round {r} {variant} is not a control whose lottery rounds are done"
+            )
+        return self.round(r, variant, previous, lottery)
 
     def _masks(
         self, r: int, variant: str, previous: _Finished | None, lottery: _Finished | None
@@ -527,6 +646,34 @@ class _Run:
 
     def _shapes(self) -> dict[str, torch.Size]:
         return {n: self.template.get_parameter(n).shape for n in self.names}
+
+
+# --------------------------------------------------------------------------- workers
+class _NotATerminal:
+    """stderr of a worker: the same stream, never a terminal (no progress bar fighting
+    the parent's)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _worker(cfg: DictConfig, root: str, threads: int, parent: int) -> Any:
+    """Set up a worker process of a run (:class:`prunekit.experiments.jobs.WorkerPool`):
+    the callable that trains one control ``(round, variant)``."""
+    torch.set_num_threads(threads)
+    sys.stderr = _NotATerminal(sys.stderr)
+    run = _Run.attach(cfg, Path(root), parent)
+
+    def train(unit: tuple[int, str]) -> None:
+        run.control(*unit)
+
+    return train
 
 
 # --------------------------------------------------------------------------- helpers

@@ -329,3 +329,40 @@ def locked(root: Path) -> Iterator[None]:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def check_locked_by(root: Path, pid: int) -> None:
+    """Raise :class:`RunFolderError` unless process ``pid`` holds the run folder's lock
+    now (:func:`locked`): a worker process of a run (``prunekit lottery --jobs N``) works
+    in the folder under its parent's lock, and only then.
+
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with locked(root):
+    ...     check_locked_by(root, os.getpid())
+    >>> try:
+    ...     check_locked_by(root, os.getpid())
+    ... except RunFolderError as e:
+    ...     print(str(e).replace(str(root), "ROOT").split(" by process")[0])
+    the run folder ROOT is not locked
+    """
+    path = RunPaths(root).lock
+    if fcntl is None:
+        return
+    holder = path.read_text(errors="replace").strip() if path.is_file() else ""
+    free = True
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                free = False
+        finally:
+            os.close(fd)
+    if free or not holder.startswith(f"pid {pid} "):
+        raise RunFolderError(
+            f"the run folder {root} is not locked by process {pid} "
+            f"({'nobody holds ' + path.name if free else 'held by ' + holder}): a worker "
+            "process works only under its parent run's lock"
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +465,66 @@ def test_snip_control_masks_at_init_trained_from_init(
         for name in WEIGHTS:  # from the initial weights (rewind=lr notwithstanding)
             assert torch.equal(start["weights"][name], initial[name] * snip[name])
     assert "snip" in lottery.lottery_table(summary)
+
+
+# --------------------------------------------------------------------------- --jobs N
+def result_files(root: Path) -> dict[str, Any]:
+    """Every file a lottery run folder holds, comparable across runs: JSON without its
+    wall times (``wall_s`` of the summary and of each record), config.yaml without its
+    out_dir, the bytes of every member of a torch.save file, every other file's bytes.
+    Left out: the lock, the plot (drawn by the CLI) and a --jobs child's job.log."""
+    files: dict[str, Any] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in ("run.lock", "accuracy.png", "job.log"):
+            continue
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            data.pop("wall_s")
+            for record in data.get("rounds", []):
+                record.pop("wall_s")
+            files[rel] = data
+        elif path.suffix in (".pt", ".ckpt"):  # torch.save's zip: every member's bytes
+            with zipfile.ZipFile(path) as archive:  # (under a folder named after the
+                files[rel] = {  # temporary file it was written to: left out)
+                    name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()
+                }
+        elif rel == "config.yaml":  # the resolved config names its out_dir
+            files[rel] = path.read_text().replace(f"out_dir: {root.parent}\n", "")
+        else:
+            files[rel] = path.read_bytes()
+    return files
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    fa, fb = result_files(a), result_files(b)
+    assert sorted(fa) == sorted(fb)
+    for rel, value in fa.items():
+        assert value == fb[rel], rel  # JSON: equal values; every other file: equal bytes
+
+
+def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
+    init_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    cfg, _, _ = init_run
+    serial = RunPaths.for_config(cfg).root
+    parallel_cfg = copy.deepcopy(cfg)
+    parallel_cfg.out_dir = str(tmp_path)
+    monkeypatch.setattr(lottery, "_PARENT_TRAINS_CONTROLS", False)  # all 4 in the worker
+    capfd.readouterr()
+    summary = lottery.run_lottery(parallel_cfg, jobs=2)
+    err = capfd.readouterr().err
+    parallel = RunPaths.for_config(parallel_cfg).root
+    assert parallel.name == serial.name
+    for r in (1, 2):
+        for variant in ("random_reinit", "random_prune"):
+            assert f"round {r}/2 {variant} (worker pid " in err
+    assert "round 1/2 lottery (worker pid" not in err  # the lottery chain: here
+    assert_same_files(serial, parallel)
+    assert [(rec["round"], rec["variant"]) for rec in summary["rounds"]] == [
+        (0, "lottery"),
+        *((r, v) for r in (1, 2) for v in ("lottery", "random_reinit", "random_prune")),
+    ]
