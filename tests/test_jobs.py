@@ -504,3 +504,29 @@ def test_cluster_local_a_failing_job_is_named_and_the_others_finish(
     assert "Fashion-MNIST folder not found" in Path(captured.err.split("log: ")[1][:-2]).read_text()
     ok = [f for f in folders(tmp_path / "runs") if (f / "summary.json").is_file()]
     assert len(ok) == 1 and "data.root-" in ok[0].name
+
+
+def test_several_lottery_runs_share_the_slots_for_their_controls(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stand-in children write their command line into their run folder: 2 lottery runs,
+    # --jobs 4: each gets --jobs 2; 3 runs, --jobs 4: one process each (no --jobs)
+    script = (
+        "import sys, pathlib; log = pathlib.Path(sys.argv[-1]); log.parent.mkdir(parents=True,"
+        " exist_ok=True); (log.parent / 'argv.txt').write_text(' '.join(sys.argv[1:-1]))"
+    )
+    monkeypatch.setattr(jobs, "CHILD", (sys.executable, "-c", script))
+    real_task = jobs.Task
+
+    def task(label: str, argv: list[str], log: Path, env: dict[str, str]) -> jobs.Task:
+        return real_task(label, [*argv, str(log)], log, env)
+
+    monkeypatch.setattr(jobs, "Task", task)
+    for out, seeds, expected in (("a", "seed=0,1", ["--jobs", "2"]), ("b", "seed=0,1,2", [])):
+        args = [f"out_dir={tmp_path / out}", f"data.root={data}", seeds]
+        assert cli.main(["lottery", QUICK_LOTTERY, *args, "--jobs", "4"]) == 0
+        calls = [p.read_text().split() for p in sorted((tmp_path / out).glob("*/argv.txt"))]
+        assert len(calls) == len(seeds.split(","))
+        for argv in calls:
+            assert argv[argv.index("--threads") :] == ["--threads", "1", *expected]
+    assert jobs.processes_per_run("run", 8, 2) == 1  # gradual runs have no units

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from prunekit.experiments import lottery, training
 from prunekit.experiments.config import ConfigError, LotteryConfig, load_config
 from prunekit.experiments.data import FILES
+from prunekit.experiments.jobs import UnitError
 from prunekit.experiments.models import build_model
-from prunekit.experiments.paths import RunPaths
+from prunekit.experiments.paths import RunFolderError, RunPaths, locked
 from prunekit.schedules import LotteryTicketPlan
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # lightning vs torch 2.13
@@ -514,8 +521,22 @@ def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
     parallel_cfg = copy.deepcopy(cfg)
     parallel_cfg.out_dir = str(tmp_path)
     monkeypatch.setattr(lottery, "_PARENT_TRAINS_CONTROLS", False)  # all 4 in the worker
+    # while the workers train under this process's run lock, a second independent run of
+    # the folder is refused (tried at the start of round 2's lottery fit, here)
+    refused: list[str] = []
+    fit = training.fit
+
+    def fit_and_try_a_second_run(*args: Any, **kwargs: Any) -> pl.Trainer:
+        if Path(kwargs["log_dir"]).name == "round_02_lottery":
+            with pytest.raises(RunFolderError, match=f"in use by pid {os.getpid()} ") as e:
+                lottery.run_lottery(parallel_cfg, jobs=2)
+            refused.append(str(e.value))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", fit_and_try_a_second_run)
     capfd.readouterr()
     summary = lottery.run_lottery(parallel_cfg, jobs=2)
+    assert len(refused) == 1
     err = capfd.readouterr().err
     parallel = RunPaths.for_config(parallel_cfg).root
     assert parallel.name == serial.name
@@ -528,3 +549,113 @@ def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
         (0, "lottery"),
         *((r, v) for r in (1, 2) for v in ("lottery", "random_reinit", "random_prune")),
     ]
+
+
+def test_a_worker_refuses_a_folder_its_parent_does_not_lock(init_run: Any) -> None:
+    cfg, _, _ = init_run
+    root = RunPaths.for_config(cfg).root
+    with pytest.raises(RunFolderError, match=r"nobody holds run\.lock"):
+        lottery._Run.attach(cfg, root, parent=os.getpid())
+    with locked(root):  # held by this process: a worker of another parent is refused
+        with pytest.raises(RunFolderError, match=f"held by pid {os.getpid()} "):
+            lottery._Run.attach(cfg, root, parent=os.getpid() + 1)
+        run = lottery._Run.attach(cfg, root, parent=os.getpid())  # its own parent's: fine
+        assert run.where == f" (worker pid {os.getpid()})"
+
+
+def test_jobs_must_be_a_whole_number(data_root: Path, tmp_path: Path, no_training: None) -> None:
+    cfg = config(data_root, tmp_path)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ConfigError, match=f"jobs={bad!r} must be a whole number >= 1"):
+            lottery.run_lottery(cfg, jobs=bad)  # type: ignore[arg-type]
+    assert not RunPaths.for_config(cfg).root.exists()
+
+
+def test_a_failing_control_fails_the_run_naming_it(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # round 1's random_reinit cannot be written (a folder where its state file goes): the
+    # worker fails; the run fails naming the unit, and no worker is left running
+    cfg = config(data_root, tmp_path, "rounds=2", "steps_per_round=10", "controls=[random_reinit]")
+    RunPaths.for_config(cfg).round_state(1, "random_reinit").mkdir(parents=True)
+    monkeypatch.setattr(lottery, "_PARENT_TRAINS_CONTROLS", False)
+    with pytest.raises(UnitError, match=r"round 1 random_reinit failed in worker process \d+") as e:
+        lottery.run_lottery(cfg, jobs=2)
+    assert "cannot write" in str(e.value) and "round_01/random_reinit.pt" in str(e.value)
+    assert multiprocessing.active_children() == []
+    assert RunPaths.for_config(cfg).lock.read_text() == ""  # the lock was released
+
+
+@pytest.mark.slow
+def test_jobs_3_resumes_reusing_finished_units_identical_to_serial(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """Two workers and this process sharing the controls (rewind=lr: a control starts
+    from round r - 1's final weights; snip: from init.pt and the data), then a restart
+    after losing round 2's lottery record and round 1's random_prune record."""
+    overrides = ("rewind=lr", "controls=[snip,random_prune]", "steps_per_round=20")
+    serial_cfg = config(data_root, tmp_path / "serial", *overrides)
+    lottery.run_lottery(serial_cfg)
+    serial = RunPaths.for_config(serial_cfg).root
+    cfg = config(data_root, tmp_path / "parallel", *overrides)
+    lottery.run_lottery(cfg, jobs=3)
+    paths = RunPaths.for_config(cfg)
+    assert_same_files(serial, paths.root)
+    paths.round_result(2, "lottery").unlink()  # as if stopped while writing these
+    paths.round_result(1, "random_prune").unlink()
+    reused = [paths.round_state(r, v) for r in (1, 2) for v in ("lottery", "snip")]
+    reused = [p for p in reused if p != paths.round_state(2, "lottery")]
+    reused.append(paths.round_state(2, "random_prune"))
+    before = {p: p.stat().st_mtime_ns for p in reused}
+    redone = [paths.round_state(2, "lottery"), paths.round_state(1, "random_prune")]
+    old = {p: p.stat().st_mtime_ns for p in redone}
+    lottery.run_lottery(cfg, jobs=3)
+    assert {p: p.stat().st_mtime_ns for p in reused} == before  # not trained again
+    assert all(p.stat().st_mtime_ns != old[p] for p in redone)  # trained again
+    assert_same_files(serial, paths.root)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_a_restart_resumes(data_root: Path, tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "prunekit.experiments.cli",
+        "lottery",
+        str(repo / "experiments" / "configs" / "quick_lottery.yaml"),
+        f"data.root={data_root}",
+        "data.subset=null",
+        "data.val_size=200",
+        "data.batch_size=50",
+        "rounds=3",
+        "steps_per_round=300",
+        "train.val_every=100",
+        f"out_dir={tmp_path}",
+        "--threads",
+        "1",
+        "--jobs",
+        "2",
+    ]
+    log = tmp_path / "err.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=repo)
+    deadline = time.monotonic() + 120
+    while "(worker pid " not in log.read_text():  # a worker is training a control
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    text = log.read_text()
+    worker = int(text.split("(worker pid ")[1].split(")")[0])
+    proc.send_signal(signal.SIGINT)  # to the parent only: it must stop its worker
+    assert proc.wait(timeout=60) != 0
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+    root = next(p for p in tmp_path.iterdir() if p.is_dir())
+    assert (root / "run.lock").read_text() == ""
+    finished = sorted(p.name for p in root.glob("round_*/*.json"))
+    with open(log, "w") as err:  # started again: the finished units are reused
+        assert subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=repo).returncode == 0
+    text = log.read_text()
+    assert text.count("finished before, reusing") == len(finished)
+    assert len(list(root.glob("round_*/*.json"))) == 7
