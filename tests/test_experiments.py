@@ -9,7 +9,13 @@ import pytest
 import torch
 import yaml
 from prunekit.experiments import cli
-from prunekit.experiments.config import ConfigError, GradualConfig, LotteryConfig, load_config
+from prunekit.experiments.config import (
+    ConfigError,
+    GradualConfig,
+    LotteryConfig,
+    OneShotConfig,
+    load_config,
+)
 
 QUICK = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "quick_gradual.yaml"
 TINY = ["data.subset=600", "steps=30", "dense.steps=20", "train.val_every=10"]
@@ -123,8 +129,16 @@ def test_every_shipped_config_validates_and_matches_its_file_name(path: Path) ->
     from prunekit.experiments.models import build_model
 
     raw = yaml.safe_load(path.read_text())
-    cfg = load_config(LotteryConfig if "rounds" in raw else GradualConfig, path)
-    assert cfg.name == path.stem.replace("_", "-")
+    schema = (
+        LotteryConfig
+        if "rounds" in raw
+        else OneShotConfig
+        if "sparsities" in raw
+        else GradualConfig
+    )
+    cfg = load_config(schema, path)
+    if "${" not in raw["name"]:  # else the name follows other keys (method, sparsity)
+        assert cfg.name == path.stem.replace("_", "-")
     model = build_model(cfg.model)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # Fashion-MNIST: 10 classes
     if path.stem.startswith("gmp_"):  # gmp_<model>_<percent>.yaml ramps to that sparsity
