@@ -43,12 +43,9 @@ from prunekit.experiments.training import (
 )
 from torch import nn
 
-from prunekit import Pruner
+from prunekit import Pruner, get_method
 
-__all__ = ["DATA_FREE", "main", "oneshot_table", "prune_once", "run_oneshot"]
-
-#: Methods that rank without data: they are not calibrated.
-DATA_FREE = ("magnitude", "random")
+__all__ = ["COLUMNS", "main", "oneshot_table", "prune_once", "run_oneshot"]
 
 #: Columns of ``metrics.csv``, one row per one-shot point.
 COLUMNS = (
@@ -196,11 +193,11 @@ def prune_once(
     pruner = Pruner(model, method=method, scope=scope, seed=seed, exclude=list(exclude), **options)
     try:
         calibration_s = 0.0
-        if method not in DATA_FREE:
+        if get_method(method).needs:  # statistics (activations, gradients) from data
             if not batches:
                 raise ValueError(f"method={method!r} needs calibration batches, got none")
             began = time.perf_counter()
-            _calibrate(pruner, model, batches)
+            pruner.calibrate(batches, loss_fn=_cross_entropy)
             calibration_s = time.perf_counter() - began
         began = time.perf_counter()
         pruner.prune_to(sparsity)
@@ -220,18 +217,6 @@ def prune_once(
         "calibration_s": calibration_s,
         "prune_s": prune_s,
     }
-
-
-def _calibrate(
-    pruner: Pruner, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> None:
-    """Collect the method's statistics over ``batches`` (the engine's calibration)."""
-    calibrate = getattr(pruner, "calibrate", None)
-    if calibrate is None:
-        raise ValueError(
-            f"method={pruner.method!r} needs data but this prunekit has no Pruner.calibrate"
-        )
-    calibrate(batches, loss_fn=_cross_entropy)
 
 
 def _cross_entropy(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
