@@ -897,6 +897,7 @@ def _worker_main(setup: Any, args: tuple[Any, ...], tasks: Any, results: Any, pa
     """A worker process: ``run = setup(*args)``, then ``run(unit)`` for each unit taken
     from ``tasks`` until None; every step is reported on ``results``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its workers itself
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked: not the parent's handler
     _die_with_parent(parent)
     pid = os.getpid()
     try:
@@ -917,9 +918,36 @@ def _worker_main(setup: Any, args: tuple[Any, ...], tasks: Any, results: Any, pa
         results.put(("done", unit, pid, ""))
 
 
+def start_method(threads: int) -> str:
+    """``fork`` where it is safe and cheap, else ``spawn``: fork needs POSIX, a single
+    torch thread (no OpenMP thread pool, which a forked child cannot use) and no other
+    Python thread running in this process.
+
+    >>> start_method(2)
+    'spawn'
+    """
+    import multiprocessing
+    import threading
+
+    if (
+        threads == 1
+        and sys.platform.startswith("linux")
+        and "fork" in multiprocessing.get_all_start_methods()
+        and threading.active_count() == 1
+    ):
+        return "fork"
+    return "spawn"
+
+
 class WorkerPool:
-    """Independent units of one run in ``workers`` worker processes (``spawn``), beside
-    the parent process, which keeps working on what the units depend on.
+    """Independent units of one run in ``workers`` worker processes, beside the parent
+    process, which keeps working on what the units depend on.
+
+    ``start``: how workers start (:mod:`multiprocessing` start methods): ``spawn``, a
+    fresh interpreter that imports everything again (safe anywhere, seconds of start-up),
+    or ``fork``, a copy of this process with its imports and loaded data (a fraction of
+    a second; POSIX only, and only safe while this process runs no other threads and no
+    OpenMP thread pool: :func:`start_method`).
 
     Each worker calls ``setup(*args)`` once (``setup`` a module-level function; it
     returns the callable that runs one unit) and then takes units from a shared queue
@@ -940,12 +968,15 @@ class WorkerPool:
         args: tuple[Any, ...],
         workers: int,
         name: Any = str,
+        start: str = "spawn",
     ) -> None:
         import multiprocessing
 
         positive_int("workers", workers)
-        self.name = name
-        ctx = multiprocessing.get_context("spawn")
+        if start not in ("spawn", "fork"):
+            raise ValueError(f"start={start!r} is not one of ('spawn', 'fork')")
+        self.name, self.start = name, start
+        ctx = multiprocessing.get_context(start)
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.waiting: set[Any] = set()  # submitted, taken by nobody yet
         self.taken: dict[Any, int] = {}  # unit -> pid of the worker training it

@@ -182,13 +182,14 @@ def _run_rounds(cfg: DictConfig, run: _Run, started: float, jobs: int = 1) -> di
                     (cfg, str(run.paths.root), threads, os.getpid()),
                     workers,
                     name=_unit_name,
+                    start=_jobs_module.start_method(threads),
                 )
             )
             training.progress(
                 f"lottery run {run.paths.root}: the lottery rounds here (pid {os.getpid()}), "
                 f"{len(todo)} control trainings in {workers} worker process(es) "
-                f"(pid {', '.join(map(str, pool.pids))}; {threads} torch thread(s) each) "
-                "and here once the rounds are done"
+                f"(pid {', '.join(map(str, pool.pids))}, {pool.start}ed; {threads} torch "
+                "thread(s) each) and here once the rounds are done"
             )
         previous: _Finished | None = None
         for r in range(cfg.rounds + 1):

@@ -163,9 +163,14 @@ def init_run(
         tmp_path_factory.mktemp("runs"),
         "controls=[random_reinit,random_prune]",
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --threads 1 (the tests of --jobs compare with this run)
     with pytest.MonkeyPatch.context() as mp:
         starts = install_probe(mp)
-        summary = lottery.run_lottery(cfg)
+        try:
+            summary = lottery.run_lottery(cfg)
+        finally:
+            torch.set_num_threads(threads)
     return cfg, summary, starts
 
 
@@ -510,16 +515,39 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert value == fb[rel], rel  # JSON: equal values; every other file: equal bytes
 
 
+@pytest.fixture
+def threads(request: pytest.FixtureRequest) -> Any:
+    """torch's thread count set to ``request.param`` for the test, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("threads", "start"),
+    [(1, "forked"), pytest.param(2, "spawned", marks=pytest.mark.slow)],
+    indirect=["threads"],
+)
 def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
     init_run: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
+    threads: int,
+    start: str,
 ) -> None:
+    """The worker (a forked copy with one torch thread; a fresh interpreter otherwise)
+    trains every control; the files equal those of a serial run with as many threads
+    (``init_run``'s, made with one thread)."""
     cfg, _, _ = init_run
+    if threads != 1:  # float sums depend on the thread count: a serial run with as many
+        cfg = copy.deepcopy(cfg)
+        cfg.out_dir = str(tmp_path / "serial")
+        lottery.run_lottery(cfg)
     serial = RunPaths.for_config(cfg).root
     parallel_cfg = copy.deepcopy(cfg)
-    parallel_cfg.out_dir = str(tmp_path)
+    parallel_cfg.out_dir = str(tmp_path / "parallel")
     monkeypatch.setattr(lottery, "_PARENT_TRAINS_CONTROLS", False)  # all 4 in the worker
     # while the workers train under this process's run lock, a second independent run of
     # the folder is refused (tried at the start of round 2's lottery fit, here)
@@ -538,6 +566,7 @@ def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
     summary = lottery.run_lottery(parallel_cfg, jobs=2)
     assert len(refused) == 1
     err = capfd.readouterr().err
+    assert f", {start}; {threads} torch thread(s) each)" in err
     parallel = RunPaths.for_config(parallel_cfg).root
     assert parallel.name == serial.name
     for r in (1, 2):
