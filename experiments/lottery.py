@@ -61,10 +61,13 @@ needs only files already written when round ``r``'s lottery variant is done (its
 in ``round_RR/lottery.pt``, ``init.pt``, ``rewind.ckpt``, round ``r - 1``'s final
 weights). So this process trains the lottery chain (rounds 0, 1, 2, ...) while up to
 ``N - 1`` worker processes (:class:`prunekit.experiments.jobs.WorkerPool`, each with this
-process's torch thread count) train the controls of finished rounds, pipelined; once
+process's torch thread count; forked copies of this process with one thread on Linux,
+fresh interpreters otherwise) train the controls of finished rounds, pipelined; once
 the chain is done this process trains the controls no worker has started. Every unit
 reads what it needs from the run folder and trains exactly as a serial run does, so
-every file is bit-identical to ``jobs=1`` (only ``wall_s`` differs). Workers run under
+every file is bit-identical to ``jobs=1`` with as many threads (only ``wall_s``
+differs). From a script of your own, call it under ``if __name__ == "__main__":``
+(spawned workers import the main module). Workers run under
 this process's run lock (they check that their parent holds it) and never take it; a
 second independent run on the folder is still refused. A failing unit fails the run
 with :class:`~prunekit.experiments.jobs.UnitError` naming it; Ctrl-C (or SIGTERM) stops
