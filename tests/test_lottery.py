@@ -616,18 +616,21 @@ def test_a_failing_control_fails_the_run_naming_it(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("threads", [1], indirect=True)
 def test_jobs_3_resumes_reusing_finished_units_identical_to_serial(
-    data_root: Path, tmp_path: Path
+    data_root: Path, tmp_path: Path, threads: int, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Two workers and this process sharing the controls (rewind=lr: a control starts
-    from round r - 1's final weights; snip: from init.pt and the data), then a restart
-    after losing round 2's lottery record and round 1's random_prune record."""
+    """Two forked workers and this process sharing the controls (rewind=lr: a control
+    starts from round r - 1's final weights; snip: from init.pt and the data), then a
+    restart after losing round 2's lottery record and round 1's random_prune record."""
     overrides = ("rewind=lr", "controls=[snip,random_prune]", "steps_per_round=20")
     serial_cfg = config(data_root, tmp_path / "serial", *overrides)
     lottery.run_lottery(serial_cfg)
     serial = RunPaths.for_config(serial_cfg).root
     cfg = config(data_root, tmp_path / "parallel", *overrides)
+    capfd.readouterr()
     lottery.run_lottery(cfg, jobs=3)
+    assert "2 worker process(es)" in capfd.readouterr().err
     paths = RunPaths.for_config(cfg)
     assert_same_files(serial, paths.root)
     paths.round_result(2, "lottery").unlink()  # as if stopped while writing these
