@@ -99,7 +99,8 @@ def add_arguments(cmd: Any) -> None:
         default=None,
         metavar="N",
         help="run up to N runs at a time on this machine, each in its own process with "
-        "--threads torch threads (default 1: one after another)",
+        "--threads torch threads (default 1: one after another); a single lottery run "
+        "trains its controls in up to N-1 worker processes beside its lottery rounds",
     )
     cmd.add_argument(
         "--cluster",
