@@ -12,6 +12,7 @@ from prunekit.experiments import cli
 from prunekit.experiments.config import (
     ConfigError,
     GradualConfig,
+    InstabilityConfig,
     LotteryConfig,
     OneShotConfig,
     load_config,
@@ -134,6 +135,8 @@ def test_every_shipped_config_validates_and_matches_its_file_name(path: Path) ->
         if "rounds" in raw
         else OneShotConfig
         if "sparsities" in raw
+        else InstabilityConfig
+        if "rewind_steps" in raw
         else GradualConfig
     )
     cfg = load_config(schema, path)
