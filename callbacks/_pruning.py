@@ -489,7 +489,8 @@ class Pruning(Callback):
         if not amount:
             return
         masks, method = self.pruner.masks, self.pruner_args["method"]
-        dim = self.pruner_args.get("dim", 0) if "structured" in method else None
+        slices = get_method(method).ranks == "slices"
+        dim = self.pruner_args.get("dim", 0) if slices else None
         counts: dict[str, tuple[int, int]] = {}  # name -> (kept, total), in slices if structured
         # whole-tensor counts when sharded (a DTensor's count_nonzero is this rank's share)
         pruned = {t.name: t.pruned for t in self.pruner.sparsity().targets} if dim is None else {}

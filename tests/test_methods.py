@@ -483,6 +483,30 @@ def test_the_pruning_callback_collects_statistics_while_training(method: str, sc
     assert [t for t, _ in seen] == [4, 6]  # (at t=2 the schedule is still at 0)
 
 
+def test_relative_amounts_of_activation_count_whole_neurons() -> None:
+    """``Pruning(amount=0.5, method="activation")`` prunes half of the remaining rows of
+    each layer at each epoch end (rows, not entries): 32, 16, 3 -> 16, 8, 1 -> 8, 4, 1
+    (Python's round: 1.5 -> 2 and 0.5 -> 0)."""
+    from prunekit.callbacks import Pruning
+
+    from tests.lit_helpers import TinyNet, loader, trainer
+
+    seen: list[list[int]] = []
+
+    def record(pruner: Pruner, t: int) -> None:
+        seen.append([int(m.any(1).sum()) for m in pruner.masks.values()])
+
+    pruning = Pruning(
+        amount=0.5, unit="epoch", method="activation", scope="layer", on_update=record
+    )
+    trainer(max_epochs=2, callbacks=[pruning]).fit(TinyNet(), loader())
+    kept, expected = [32, 16, 3], []
+    for _ in range(2):
+        kept = [k - round(0.5 * k) for k in kept]
+        expected.append(list(kept))
+    assert seen == expected
+
+
 def test_wanda_on_hugging_face_conv1d_uses_its_in_out_layout() -> None:
     from transformers.pytorch_utils import Conv1D
 
