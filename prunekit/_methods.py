@@ -247,13 +247,14 @@ def activation_mask(
 ) -> Tensor:
     """Structured activation-based pruning (Hu et al. 2016, "Network Trimming"): prune
     whole output channels / neurons (slices of ``t`` along dim 0) with the lowest
-    ``activity``, one value per output channel: the mean ``|y_c|`` of the module's output
-    (``criterion="mean_abs"``), or ``1 - APoZ_c``, the fraction of positive outputs
-    (``criterion="apoz"``: the average percentage of zeros after a ReLU, highest pruned).
-    ``amount`` counts channels; a fraction below 1 keeps at least one. In a Pruner it ranks
-    per layer (``scope="layer"``); with ``criterion="apoz"`` (a fraction, comparable across
-    layers) ``scope="global"`` ranks the channels of all targets together (exactly
-    ``round(amount * channels)``, each layer keeping its best channel for fractions < 1).
+    ``activity``, one value per output channel: by default (``criterion="apoz"``, the
+    paper's criterion) ``1 - APoZ_c``, the fraction of positive outputs (APoZ: the average
+    percentage of zeros after a ReLU; highest APoZ pruned first), or the mean ``|y_c|`` of
+    the module's output (``criterion="mean_abs"``). ``amount`` counts channels; a fraction
+    below 1 keeps at least one. In a Pruner, APoZ (a fraction, comparable across layers)
+    ranks the channels of all targets together under ``scope="global"`` (exactly
+    ``round(amount * channels)``, each layer keeping its best channel for fractions < 1);
+    ``mean_abs`` (its scale differs between layers) ranks per layer (``scope="layer"``).
     Statistics: two float64 per output channel.
 
     >>> activation_mask(torch.ones(3, 2), 1, activity=torch.tensor([0.5, 0.1, 2.0]))
@@ -272,7 +273,7 @@ def _activation(
     *,
     activity: Tensor,
     mask: Tensor | None = None,
-    criterion: str = "mean_abs",
+    criterion: str = "apoz",
 ) -> Tensor:
     _check_criterion(criterion, "criterion")
     return activation_mask(t, amount, activity=activity, mask=mask)
@@ -287,25 +288,25 @@ def _check_criterion(value: object, where: str) -> None:
 
 
 def _check_activation(t: Tensor, options: Mapping[str, Any], where: str) -> None:
-    _check_criterion(options.get("criterion", "mean_abs"), f"criterion for {where}")
+    _check_criterion(options.get("criterion", "apoz"), f"criterion for {where}")
     if options.get("dim", 0) != 0:
         raise ValueError(f"method='activation' prunes output channels (dim=0) of {where}")
 
 
-def _activation_score(weight: Tensor, stats: TargetStats, *, criterion: str = "mean_abs") -> Tensor:
+def _activation_score(weight: Tensor, stats: TargetStats, *, criterion: str = "apoz") -> Tensor:
     assert stats.out_abs is not None and stats.out_pos is not None
     total = stats.out_abs if criterion == "mean_abs" else stats.out_pos
     return (total / max(stats.positions, 1)).to(torch.float32)
 
 
-def activity(y: Tensor, *, criterion: str = "mean_abs", channel_dim: int = 1) -> Tensor:
+def activity(y: Tensor, *, criterion: str = "apoz", channel_dim: int = 1) -> Tensor:
     """Per-channel activity of outputs ``y``: mean ``|y|`` or the fraction of ``y > 0``
     (``1 - APoZ``), over every dim but ``channel_dim``.
 
     >>> activity(torch.tensor([[1.0, -2.0], [-3.0, 0.0]]), channel_dim=1)
-    tensor([2., 1.])
-    >>> activity(torch.tensor([[1.0, -2.0], [-3.0, 0.0]]), criterion="apoz", channel_dim=1)
     tensor([0.5000, 0.0000])
+    >>> activity(torch.tensor([[1.0, -2.0], [-3.0, 0.0]]), criterion="mean_abs", channel_dim=1)
+    tensor([2., 1.])
     """
     check_tensor(y, "y")
     _check_criterion(criterion, "criterion")
@@ -319,7 +320,7 @@ def activation_based_mask(
     x: Tensor,
     amount: float | int,
     *,
-    criterion: str = "mean_abs",
+    criterion: str = "apoz",
     mask: Tensor | None = None,
 ) -> Tensor:
     """The mask of ``module.weight`` pruning the output channels least active on ``x``
@@ -329,7 +330,7 @@ def activation_based_mask(
     >>> layer = nn.Linear(2, 3, bias=False)
     >>> with torch.no_grad():
     ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.1, 0.0], [0.0, 2.0]]))
-    >>> activation_based_mask(layer, torch.ones(4, 2), 1)[:, 0]
+    >>> activation_based_mask(layer, torch.ones(4, 2), 1, criterion="mean_abs")[:, 0]
     tensor([ True, False,  True])
     """
     if not isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
@@ -405,7 +406,7 @@ register_method("activation")(
         score=_activation_score,
         fed=("activity",),
         check=_check_activation,
-        global_slices=lambda options: options.get("criterion", "mean_abs") == "apoz",
+        global_slices=lambda options: options.get("criterion", "apoz") == "apoz",
         memory="two float64 per output channel",
     )
 )

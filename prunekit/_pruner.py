@@ -238,7 +238,8 @@ class Pruner:
             (an entry that keeps the default method, like ``{}`` or ``"magnitude"``,
             stays in the ranking); ``"layer"`` brings each target to the sparsity
             separately. Slice methods (structured, ``activation``) rank per tensor,
-            except ``activation`` with ``criterion="apoz"``, whose channels rank globally.
+            except ``activation`` with its default ``criterion="apoz"``, whose channels
+            rank globally.
         exclude: names or globs removed from the targets.
         seed: seeds the random methods (identical on every rank under DDP).
         **options: options of the default method, e.g. ``n=1, dim=0``.

@@ -259,13 +259,17 @@ def test_activation_based_mask_on_a_module_and_a_sample() -> None:
         y = layer(x)
     expected = torch.ones(6, dtype=torch.bool)
     expected[torch.sort(y.abs().mean(0).double(), stable=True).indices[:3]] = False
-    mask = prunekit.activation_based_mask(layer, x, 0.5)
+    mask = prunekit.activation_based_mask(layer, x, 0.5, criterion="mean_abs")
     assert torch.equal(mask.all(1), expected) and torch.equal(mask.any(1), expected)
+    positive = (y > 0).double().mean(0)  # the default criterion: 1 - APoZ, by hand
+    expected = torch.ones(6, dtype=torch.bool)
+    expected[torch.sort(positive, stable=True).indices[:3]] = False
+    assert torch.equal(prunekit.activation_based_mask(layer, x, 0.5).any(1), expected)
 
 
-def test_activation_refuses_global_scope() -> None:
+def test_activation_mean_abs_refuses_global_scope() -> None:
     with pytest.raises(ValueError, match="method='activation' does not"):
-        Pruner(mlp(), method="activation")
+        Pruner(mlp(), method="activation", criterion="mean_abs")
 
 
 # ------------------------------------------------------------- protocol
@@ -551,7 +555,7 @@ def test_activation_apoz_ranks_channels_of_all_layers_together() -> None:
             if isinstance(layer, nn.Linear):
                 outs[f"{i}.weight"] = h
     positive = {n: (y > 0).double().mean(0) for n, y in outs.items()}  # 1 - APoZ
-    pruner = Pruner(model, method="activation", criterion="apoz")  # scope="global"
+    pruner = Pruner(model, method="activation")  # scope="global", criterion="apoz"
     pruner.calibrate(xs)
     pruner.prune_to(0.5)  # round(0.5 * 12 channels) = 6, each layer keeps its best
     key = []
@@ -566,8 +570,8 @@ def test_activation_apoz_ranks_channels_of_all_layers_together() -> None:
     assert torch.equal(got, expected)
     assert int((~got).sum()) == 6
     assert all(bool(pruner.masks[n].any()) for n in WEIGHTS)
-    with pytest.raises(ValueError, match=r"method='activation' does not with options \{\}"):
-        Pruner(mlp(), method="activation")  # mean |y| does not compare across layers
+    with pytest.raises(ValueError, match=r"method='activation' does not with options \{'crit"):
+        Pruner(mlp(), method="activation", criterion="mean_abs")  # not comparable across layers
 
 
 def test_global_channel_ranking_keeps_each_layers_best_channel() -> None:
