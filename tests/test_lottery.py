@@ -25,7 +25,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
-from prunekit.experiments import lottery, training
+from prunekit.experiments import jobs, lottery, training
 from prunekit.experiments.config import ConfigError, LotteryConfig, load_config
 from prunekit.experiments.data import FILES
 from prunekit.experiments.jobs import UnitError
@@ -563,6 +563,8 @@ def test_jobs_2_writes_bit_identical_files_with_controls_in_a_worker(
 
     monkeypatch.setattr(training, "fit", fit_and_try_a_second_run)
     capfd.readouterr()
+    if start == "forked" and jobs.start_method(threads) != "fork":
+        start = "spawned"  # another test left a Python thread running: fork is unsafe then
     summary = lottery.run_lottery(parallel_cfg, jobs=2)
     assert len(refused) == 1
     err = capfd.readouterr().err
