@@ -228,16 +228,13 @@ def structured_mask(
 
     Slices along ``dim`` are scored from each rank's block: when a rank holds whole
     slices (sharded along ``dim`` only) its norms are exactly one process's (the same
-    ``torch.linalg.vector_norm`` on the same values, in float64 for float64 weights).
+    ``_masks._slice_norms`` on the same values, in float64 for float64 weights).
     Otherwise each slice is split across ranks: n = inf (max) and n = 0 (counts) are
     exact; for n = 1 and 2 each rank adds ``|w|`` or ``w**2`` of its part exactly
     (integer digit sums, :func:`power_sums`), the sums are all-reduced and rounded once:
     the correctly rounded norm, the same bits on any number of ranks (float64 weights:
-    float64 sums instead). One process takes ``vector_norm`` in the weights' dtype, which
-    can differ from the correctly rounded norm by rounding (float32: of order 1e-7
-    relative), so the masks are one process's unless two slices' norms are that close;
-    then those two may swap. (One process calling :func:`exact_slice_norms` for n = 1
-    and 2 in ``_masks._slice_norms`` makes them bit-exact.) The per-slice scores are
+    float64 sums instead). One process computes the same correctly rounded float32 norms
+    (``_masks._slice_norms``), so the masks agree bit for bit. The per-slice scores are
     all-reduced into one small vector on every rank, which is ranked as one process ranks
     it. N:M needs every group of ``m`` on one rank (:func:`check_groups` raises
     otherwise).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from prunekit._distributed import local
+from prunekit._distributed import exact_slice_norms, local
 from prunekit._select import KeySource, RandomKeys
 from prunekit._select_wide import WideKeys, key_source, select_lowest
 from prunekit._validate import (
@@ -273,7 +273,42 @@ def _slice_norms(t: Tensor, n: float, dim: int) -> Tensor:
     others = [d for d in range(t.ndim) if d != dim]
     if not others:
         return t.abs() if n != 0 else (t != 0).to(t.dtype)
+    if n in (1, 2) and t.dtype == torch.float32 and t.numel():
+        return _rounded_norms(t, int(n), dim, others)
     return torch.linalg.vector_norm(t, ord=n, dim=others)
+
+
+_NORM_BLOCK = 1 << 22  # entries widened to float64 at a time
+
+
+def _rounded_norms(t: Tensor, n: int, dim: int, others: list[int]) -> Tensor:
+    """The correctly rounded float32 L1 / L2 norms of the slices, as sharded ranks compute
+    them from exact integer sums (so one process and any sharding agree bit for bit).
+
+    Norms are summed in float64, whose relative error is at most (width + 2) * 2**-52;
+    only slices that close to a float32 rounding midpoint are summed exactly."""
+    width = t.numel() // t.shape[dim]
+    step = max(1, _NORM_BLOCK // max(width, 1))
+    wide = torch.cat(
+        [
+            torch.linalg.vector_norm(
+                t.narrow(dim, i, min(step, t.shape[dim] - i)).double(), ord=n, dim=others
+            )
+            for i in range(0, t.shape[dim], step)
+        ]
+    )
+    rounded = wide.float()
+    up = torch.nextafter(rounded, torch.full_like(rounded, math.inf)).double()
+    down = torch.nextafter(rounded, torch.full_like(rounded, -math.inf)).double()
+    slack = wide * ((width + 2) * 2.0**-52)
+    near = ((wide - (rounded.double() + up) / 2).abs() <= slack) | (
+        (wide - (rounded.double() + down) / 2).abs() <= slack
+    )
+    near |= ~torch.isfinite(rounded)
+    if near.any():
+        rows = near.nonzero().flatten()
+        rounded[rows] = exact_slice_norms(t.index_select(dim, rows), n, dim).to(t.device)
+    return rounded
 
 
 def _prune_slices(

@@ -280,3 +280,31 @@ def test_nan_found_by_a_later_thread_names_its_tensor_and_changes_nothing() -> N
     named["b"][-1] = float("nan")
     with pytest.raises(ValueError, match="b holds NaN or inf"):
         global_magnitude_masks(named, 0.5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_ln_norms_are_correctly_rounded_as_sharded_ranks_compute_them(n: int) -> None:
+    """One process ranks slices by the correctly rounded float32 L1 / L2 norm, the value
+    sharded ranks get from exact integer sums (so the masks agree bit for bit). Rows built
+    on float32 rounding midpoints: 1 + 2**-24 is a tie (rounds to even, 1.0), and a tiny
+    extra 2**-60 (lost in a float64 sum) must round it up to 1 + 2**-23."""
+    from fractions import Fraction
+
+    from prunekit._distributed import exact_slice_norms
+    from prunekit._masks import _slice_norms
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 50)
+    ones = torch.zeros(3, 50)
+    ones[:, 0] = 1.0
+    ones[1:, 1] = 2.0**-24 if n == 1 else 2.0**-12 * math.sqrt(2)  # (2**-12*sqrt2)**2 ~ 2**-23
+    ones[2, 2] = 2.0**-60
+    w = torch.cat([w, ones])
+    for dim in (0, 1):
+        got = _slice_norms(w, n, dim)
+        assert torch.equal(got, exact_slice_norms(w, n, dim))
+    if n == 1:  # by hand with exact fractions for the constructed rows
+        row = [Fraction(float(v)) for v in w[-1]]
+        assert sum(row) > 1 + Fraction(1, 2**24)  # just above the midpoint
+        assert float(_slice_norms(w, 1, 0)[-1]) == 1 + 2.0**-23
+        assert float(_slice_norms(w, 1, 0)[-2]) == 1.0  # the exact tie goes to even
