@@ -137,6 +137,15 @@ def main() -> None:
     if fit.global_rank == 0:
         rows = [r for r in metrics.rows if "sparsity/actual" in r]
         torch.save({"records": pruning.records, "logged": rows, "final": final}, out / "result.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can race them at
+    # interpreter exit and abort a finished rank ("terminate called without an active
+    # exception", exit status -6); the result is already written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
