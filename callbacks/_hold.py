@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from prunekit.callbacks._pruning import follow_optimizers
 from torch import nn
 from typing_extensions import override
 
@@ -166,21 +167,8 @@ class HoldMasks(Callback):
             )
 
     def _follow_optimizers(self, trainer: pl.Trainer) -> None:
-        """Attach every optimizer of the trainer that holds a target (cheap when unchanged)."""
         assert self.pruner is not None
-        optimizers = list(trainer.optimizers)
-        seen = self._seen_optimizers
-        if len(seen) == len(optimizers) and all(
-            o is s and len(o.param_groups) == n for o, (s, n) in zip(optimizers, seen, strict=True)
-        ):
-            return
-        model = self.pruner.model
-        targets = {id(model.get_parameter(n)) for n in self.pruner.names}
-        for optimizer in optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if held & targets:
-                self.pruner.attach(optimizer)
-        self._seen_optimizers = [(o, len(o.param_groups)) for o in optimizers]
+        self._seen_optimizers = follow_optimizers(self.pruner, trainer, self._seen_optimizers)
 
     # ------------------------------------------------------------- state
     @override

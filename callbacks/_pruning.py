@@ -388,22 +388,8 @@ class Pruning(Callback):
                 )
 
     def _follow_optimizers(self, trainer: pl.Trainer) -> None:
-        """Attach every optimizer of the trainer that holds a target; cheap when nothing
-        changed (same optimizer objects, same number of parameter groups)."""
         assert self.pruner is not None
-        optimizers = list(trainer.optimizers)
-        seen = self._seen_optimizers
-        if len(seen) == len(optimizers) and all(
-            o is s and len(o.param_groups) == n for o, (s, n) in zip(optimizers, seen, strict=True)
-        ):
-            return
-        model = self.pruner.model
-        targets = {id(model.get_parameter(n)) for n in self.pruner.names}
-        for optimizer in optimizers:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if held & targets:
-                self.pruner.attach(optimizer)
-        self._seen_optimizers = [(o, len(o.param_groups)) for o in optimizers]
+        self._seen_optimizers = follow_optimizers(self.pruner, trainer, self._seen_optimizers)
 
     def _arguments(self) -> dict[str, Any]:
         """What a checkpoint entry must have been written with to be continued."""
@@ -690,6 +676,25 @@ def _check_structure(
         raise ValueError(
             f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
         )
+
+
+def follow_optimizers(
+    pruner: Pruner, trainer: pl.Trainer, seen: list[tuple[Any, int]]
+) -> list[tuple[Any, int]]:
+    """Attach every optimizer of ``trainer`` that holds one of ``pruner``'s targets; cheap
+    when nothing changed since ``seen`` (same optimizer objects, same number of parameter
+    groups). Returns what to pass as ``seen`` next time."""
+    optimizers = list(trainer.optimizers)
+    if len(seen) == len(optimizers) and all(
+        o is s and len(o.param_groups) == n for o, (s, n) in zip(optimizers, seen, strict=True)
+    ):
+        return seen
+    targets = {id(pruner.model.get_parameter(n)) for n in pruner.names}
+    for optimizer in optimizers:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if held & targets:
+            pruner.attach(optimizer)
+    return [(o, len(o.param_groups)) for o in optimizers]
 
 
 def _changed(pl_module: nn.Module, error: Exception) -> ValueError:

@@ -148,6 +148,19 @@ def lottery_points(
     }
 
 
+def _error_line(ax: Any, label: str, points: Sequence[Sequence[Any]]) -> None:
+    """One line of (fraction, mean, sample std, n) points, x in percent, n in the label."""
+    ax.errorbar(
+        [100 * p[0] for p in points],
+        [p[1] for p in points],
+        yerr=[p[2] or 0.0 for p in points],
+        marker="o",
+        markersize=3,
+        capsize=2,
+        label=f"{label} (n={max(p[3] for p in points)})",
+    )
+
+
 def lottery_figure(
     summaries: Sequence[dict[str, Any]], *, metric: str = "test_acc_early_stop"
 ) -> Any:
@@ -160,16 +173,7 @@ def lottery_figure(
         metric.replace("_", " "),
     )
     for label, points in lottery_points(summaries, metric).items():
-        n = max(p[3] for p in points)
-        ax.errorbar(
-            [100 * p[0] for p in points],
-            [p[1] for p in points],
-            yerr=[p[2] or 0.0 for p in points],
-            marker="o",
-            markersize=3,
-            capsize=2,
-            label=f"{label} (n={n})",
-        )
+        _error_line(ax, label, points)
     dense, _, n = mean_std(r[metric] for s in summaries for r in s["rounds"] if r["round"] == 0)
     ax.axhline(dense, linestyle=":", color="0.4", label=f"dense, round 0 (mean of {n})")
     from matplotlib.ticker import FuncFormatter
@@ -308,16 +312,7 @@ def plot_methods(
         metric.replace("_", " "),
     )
     for label, points in method_points(summaries, metric).items():
-        n = max(p[3] for p in points)
-        ax.errorbar(
-            [100 * p[0] for p in points],
-            [p[1] for p in points],
-            yerr=[p[2] or 0.0 for p in points],
-            marker="o",
-            markersize=3,
-            capsize=2,
-            label=f"{label} (n={n})",
-        )
+        _error_line(ax, label, points)
     # one dense model per (model, seed), however many runs started from it
     dense = {
         (s["model"], s["seed"], s["dense_test_acc"])
