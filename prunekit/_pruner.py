@@ -38,6 +38,8 @@ from prunekit._stats import Statistics, TargetStats
 from prunekit._targets import (
     dense_by_default,
     layout_types,
+    matching_aliases,
+    parameter_aliases,
     storage_options,
     summary,
     transposed_weights,
@@ -319,27 +321,14 @@ class Pruner:
     def _resolve(
         self, model: nn.Module, targets: Targets, exclude: str | Iterable[str]
     ) -> dict[str, _Target]:
-        canonical = {}  # every name of a parameter (tied ones have several) -> its first name
-        first_name: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            canonical[name] = first_name.setdefault(id(param), name)
+        canonical = parameter_aliases(model)  # every name of a parameter -> its first name
         params = dict(model.named_parameters())
 
         def default(name: str) -> _Target:
             return _Target(name, params[name], self.method, dict(self.options))
 
         def aliases(pattern: str) -> list[str]:
-            if not isinstance(pattern, str):
-                raise TypeError(
-                    f"targets entry {pattern!r} must be a name, a glob or a module type"
-                )
-            found = [n for n in canonical if fnmatch.fnmatchcase(n, pattern)]
-            if not found:
-                raise ValueError(
-                    f"targets entry {pattern!r} matches no parameter of "
-                    f"{type(model).__name__}{suggest(pattern, canonical)}"
-                )
-            return found
+            return matching_aliases(pattern, canonical, type(model).__name__)
 
         def match(pattern: str) -> list[str]:
             return list(dict.fromkeys(canonical[n] for n in aliases(pattern)))

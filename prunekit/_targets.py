@@ -21,11 +21,14 @@ embeddings or heads anyway.
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+
+from prunekit._validate import suggest
 
 #: Matrix weights stored as (in, out) instead of PyTorch's (out, in), by the class's
 #: ``module.qualname`` (subclasses included): the value is the dim of the outputs.
@@ -36,6 +39,42 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 def is_weight(pname: str) -> bool:
     return "weight" in pname and "bias" not in pname
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of each parameter of ``model`` (tied ones have several) -> its first
+    name, the one ``named_parameters()`` gives.
+
+    >>> parameter_aliases(nn.Linear(2, 1))
+    {'weight': 'weight', 'bias': 'bias'}
+    """
+    canonical: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first_name.setdefault(id(param), name)
+    return canonical
+
+
+def matching_aliases(
+    pattern: str, canonical: Mapping[str, str], owner: str, what: str = "targets entry"
+) -> list[str]:
+    """The names in ``canonical`` (see :func:`parameter_aliases`) that the name or glob
+    ``pattern`` matches (``fnmatch.fnmatchcase``: case-sensitive, ``*`` crosses dots).
+    The one rule for ``targets`` and ``exclude`` entries: a pattern that is not a str
+    raises ``TypeError``, one that matches nothing ``ValueError`` naming it (``what``
+    says which argument) with close names of ``owner`` (the model's class name).
+
+    >>> matching_aliases("0.*", parameter_aliases(nn.Sequential(nn.Linear(2, 1))), "Sequential")
+    ['0.weight', '0.bias']
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} {pattern!r} must be a name, a glob or a module type")
+    found = [n for n in canonical if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        raise ValueError(
+            f"{what} {pattern!r} matches no parameter of {owner}{suggest(pattern, canonical)}"
+        )
+    return found
 
 
 def output_dim(module: nn.Module) -> int | None:
