@@ -90,8 +90,11 @@ class Pruning(Callback):
             outputs. The schedule's sparsity, and the logged ``sparsity/actual``, then
             count **groups** (channels), per layer (``scope="layer"``) or over all
             layers (``"global"``, scores divided by each layer's mean). Needs a schedule
-            (not ``amount``), the default ``method`` and no ``targets``/``exclude``;
-            ``options`` may hold ``reduce`` and ``blocks_only`` (see ``GroupPruner``).
+            (not ``amount``), the default ``method`` and no ``targets``; ``exclude``
+            (parameter names or globs of the LightningModule) leaves the dependency
+            groups with a member it matches dense, and they do not count in the
+            sparsity (see ``GroupPruner``); ``options`` may hold ``reduce`` and
+            ``blocks_only``.
         example_input: with ``structure="groups"``, an input of the LightningModule's
             ``forward`` for the trace (a tensor or a tuple of them; moved to the
             module's device); ``None`` uses ``pl_module.example_input_array``.
@@ -360,7 +363,13 @@ class Pruning(Callback):
         elif isinstance(example, list | tuple):
             example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
         options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
-        return GroupPruner(pl_module, example, scope=self.pruner_args["scope"], **options)
+        return GroupPruner(
+            pl_module,
+            example,
+            scope=self.pruner_args["scope"],
+            exclude=self.pruner_args["exclude"],
+            **options,
+        )
 
     def _pruner_kwargs(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The Pruner's arguments, ``(module, "weight")`` pairs in ``targets`` named."""
@@ -666,11 +675,13 @@ def _check_structure(
             f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
             "does not apply (leave the default)"
         )
-    if targets is not None or (exclude not in ((), [], "")):
+    if targets is not None:
         raise ValueError(
             f"structure='groups' prunes every dependency group the trace finds; {targets=!r} "
-            f"and {exclude=!r} are not supported with it"
+            "is not supported with it (leave groups dense with exclude=)"
         )
+    if not isinstance(exclude, str | Iterable) or isinstance(exclude, Mapping):
+        raise TypeError(f"exclude={exclude!r} must be a name, a glob or a list of them")
     unknown = sorted(set(options or {}) - set(_GROUP_OPTIONS))
     if unknown:
         raise ValueError(

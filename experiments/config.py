@@ -96,7 +96,8 @@ class PruningConfig:
     structure: str = _help(
         "weights",
         "weights (method decides) or groups: whole channel groups (GroupPruner; the schedule "
-        "counts channels; method/targets/exclude stay default; options: reduce) for compaction",
+        "counts channels; method/targets stay default; exclude keeps the groups touching those "
+        "parameters dense; options: reduce) for compaction",
     )
 
 
@@ -463,6 +464,7 @@ def _check_pruning(cfg: DictConfig) -> None:
                     build_model(cfg.model, num_classes=classes, input_shape=shape),
                     torch.zeros(1, *shape),
                     scope=pruning.scope,
+                    exclude=list(pruning.exclude),
                     **OmegaConf.to_container(pruning.options),
                 )
                 return

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from prunekit._pruner import Pruner
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._state import unpack_mask
+from prunekit._targets import matching_aliases, parameter_aliases
 from prunekit._validate import amount_to_count
 
 SCOPES = ("layer", "global")
@@ -132,6 +133,15 @@ def _member_slice(t: Tensor, member: tuple[str, str, int, tuple[int, ...], Any])
     if rows is not None:
         t = t.narrow(1 - dim, rows[0], rows[1] - rows[0])
     return t.index_select(dim, torch.tensor(idx, device=t.device))
+
+
+def _patterns(exclude: Any) -> tuple[str, ...]:
+    """``exclude`` as a tuple of patterns (one str is one pattern)."""
+    if isinstance(exclude, str):
+        return (exclude,)
+    if not isinstance(exclude, Iterable) or isinstance(exclude, Mapping):
+        raise TypeError(f"exclude={exclude!r} must be a name, a glob or a list of them")
+    return tuple(exclude)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -960,6 +970,40 @@ class DependencyGraph:
                 view.index_fill_(dim, torch.tensor(idx), False)
         return masks
 
+    def excluded(self, exclude: str | Iterable[str]) -> list[bool]:
+        """Per group (``groups`` order): True where one of its members' parameters matches
+        a name or glob of ``exclude`` (the rule of :class:`prunekit.Pruner`'s ``exclude``:
+        ``fnmatch`` on parameter names, tied parameters under any of their names; a module
+        name alone matches nothing, write ``"fc1.*"``). An excluded group is never pruned,
+        so an excluded parameter is never masked: excluding ``"fc.weight"`` keeps ``fc``
+        dense, and with it the channels of the layer feeding it (their removal would remove
+        columns of ``fc.weight``). A pattern that matches no parameter raises ``ValueError``
+        naming it; one that matches only parameters outside every group (already dense)
+        changes nothing.
+
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(),
+        ...                       nn.Linear(3, 2))
+        >>> graph = DependencyGraph(model, torch.zeros(1, 4))
+        >>> graph.excluded("0.*"), graph.excluded(["4.weight"])
+        ([True, True, True, False, False, False], [False, False, False, True, True, True])
+        """
+        patterns = _patterns(exclude)
+        canonical = parameter_aliases(self.model)
+        owner = type(self.model).__name__
+        names = {
+            canonical[a]
+            for p in patterns
+            for a in matching_aliases(p, canonical, owner, "exclude entry")
+        }
+        return [any(m[0] in names for m in g.members) for g in self.groups]
+
+    def _check_excluded(self, excluded: Sequence[bool], exclude: Any) -> None:
+        if all(excluded):
+            raise ValueError(
+                f"exclude={exclude!r} leaves no dependency group to prune: each of the "
+                f"{len(self.groups)} groups has a member parameter it matches"
+            )
+
     def group_masks(
         self,
         amount: float | int,
@@ -967,6 +1011,7 @@ class DependencyGraph:
         scope: str = "layer",
         masks: Mapping[str, Tensor] | None = None,
         reduce: str = "normalized",
+        exclude: str | Iterable[str] = (),
     ) -> dict[str, Tensor]:
         """Masks pruning ``amount`` of the groups with the lowest :meth:`scores`
         (``reduce`` is passed on).
@@ -979,33 +1024,69 @@ class DependencyGraph:
         layer is never emptied: an amount that would remove all of a layer's groups raises
         ``ValueError``.
 
+        ``exclude`` (names or globs of parameters, see :meth:`excluded`): groups with a
+        member parameter it matches are never pruned and **do not count**: a fraction is
+        of the prunable groups only (of each layer's with ``scope="layer"``, of all
+        with ``"global"``), an int counts prunable groups, and a layer with none is left
+        out. ``masks`` that prune an excluded group, or an ``exclude`` that leaves no group
+        to prune, raise ``ValueError``; everything is checked before any mask is made.
+
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> m = DependencyGraph(model, torch.zeros(1, 4)).group_masks(0.5)
         >>> int(m["0.weight"].all(dim=1).sum()), int(m["2.weight"].all(dim=0).sum())
         (2, 2)
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 6), nn.ReLU(),
+        ...                       nn.Linear(6, 2))
+        >>> m = DependencyGraph(model, torch.zeros(1, 4)).group_masks(0.5, exclude="0.*")
+        >>> bool(m["0.weight"].all()), int(m["2.weight"].all(dim=1).sum())  # 3 of 6 kept
+        (True, 3)
         """
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         if reduce not in ("normalized", "mean", "sum"):
             raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
+        excluded = self.excluded(exclude)
+        self._check_excluded(excluded, exclude)
         already = self.pruned(masks) if masks is not None else [False] * len(self.groups)
-        result = self.masks_for(self._select(amount, scope, already, reduce, strict=True))
+        self._check_not_pruned(already, excluded, "masks")
+        pruned = self._select(amount, scope, already, reduce, strict=True, excluded=excluded)
+        result = self.masks_for(pruned)
         if masks is not None:
             for n, m in masks.items():
                 if n in result:
                     result[n] &= m
         return result
 
+    def _check_not_pruned(
+        self, pruned: Sequence[bool], excluded: Sequence[bool], what: str
+    ) -> None:
+        hit = [i for i, (p, e) in enumerate(zip(pruned, excluded, strict=True)) if p and e]
+        if hit:
+            g = self.groups[hit[0]]
+            raise ValueError(
+                f"{what} prune {len(hit)} excluded group(s), e.g. one of layer {g.layer!r} "
+                f"with members {[m[0] for m in g.members]}: excluded groups are never pruned"
+            )
+
     def _select(
-        self, amount: float | int, scope: str, already: list[bool], reduce: str, *, strict: bool
+        self,
+        amount: float | int,
+        scope: str,
+        already: list[bool],
+        reduce: str,
+        *,
+        strict: bool,
+        excluded: Sequence[bool] | None = None,
     ) -> list[bool]:
         """Which groups are pruned after pruning ``amount``; ``strict=False``: an amount
-        below what ``already`` prunes keeps it (masks only shrink) instead of raising."""
+        below what ``already`` prunes keeps it (masks only shrink) instead of raising.
+        ``excluded`` groups (never pruned by ``already``) neither count nor go."""
         alive = [not a for a in already]
         scores = self.scores(reduce, alive=alive)
         layers: dict[str, list[int]] = {}
         for i, g in enumerate(self.groups):
-            layers.setdefault(g.layer, []).append(i)
+            if excluded is None or not excluded[i]:
+                layers.setdefault(g.layer, []).append(i)
         pruned = list(already)
         if scope == "layer":
             counts = {}
@@ -1021,8 +1102,9 @@ class DependencyGraph:
             live = [i for i in idx if alive[i]]
             mean = float(scores[live].mean()) if live else 0.0
             norm[idx] = scores[idx] / mean if mean > 0 else 0.0
-        k = amount_to_count(amount, len(self.groups))
-        self._prune_lowest(pruned, list(range(len(self.groups))), norm, k, strict)
+        prunable = [i for idx in layers.values() for i in idx]
+        k = amount_to_count(amount, len(prunable))
+        self._prune_lowest(pruned, sorted(prunable), norm, k, strict)
         for layer, idx in layers.items():
             if all(pruned[i] for i in idx):
                 raise ValueError(
@@ -1074,6 +1156,13 @@ class GroupPruner:
     is already pruned changes nothing. :meth:`sparsity` reports groups per layer,
     :meth:`weight_sparsity` the masked weights.
 
+    ``exclude`` (parameter names or globs, as for :class:`prunekit.Pruner`; see
+    :meth:`DependencyGraph.excluded`) leaves layers dense: a group with a member
+    parameter it matches is never pruned and does not count, so fractions and
+    :meth:`sparsity` are over the prunable groups only and a layer with none is not
+    reported. Excluding ``"conv1.*"`` keeps the first conv's channels; excluding a
+    classifier head ``"fc.*"`` keeps it dense, so the channels feeding it stay too.
+
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> pruner = GroupPruner(model, torch.zeros(1, 4))
     >>> pruner.prune_to(0.75)
@@ -1081,6 +1170,12 @@ class GroupPruner:
     (0.75, 2)
     >>> int(model[0].bias.count_nonzero()) <= 2, int((model[2].weight.abs().sum(dim=0) > 0).sum()) <= 2
     (True, True)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+    ...                       nn.Linear(6, 2))
+    >>> pruner = GroupPruner(model, torch.zeros(1, 4), exclude=["0.weight"])
+    >>> pruner.prune_to(0.5)  # half of layer 2's 6 channels; layer 0's 8 are kept
+    >>> pruner.sparsity().per_target(), bool(pruner.masks["0.weight"].all())
+    ({'2': 0.5}, True)
     """
 
     def __init__(
@@ -1091,24 +1186,32 @@ class GroupPruner:
         scope: str = "layer",
         reduce: str = "normalized",
         blocks_only: bool = False,
+        exclude: str | Iterable[str] = (),
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         if reduce not in ("normalized", "mean", "sum"):
             raise ValueError(f"reduce={reduce!r} must be 'normalized', 'mean' or 'sum'")
+        patterns = _patterns(exclude)
         self.graph = DependencyGraph(model, example_input, blocks_only=blocks_only)
         if not self.graph.groups:
             raise ValueError(
                 f"{type(model).__name__} has no prunable dependency group: every channel "
                 "reaches the output or is pinned (see DependencyGraph)"
             )
+        self._excluded = self.graph.excluded(patterns)
+        self.graph._check_excluded(self._excluded, exclude)
         self.model = model
         self.scope = scope
         self.reduce = reduce
+        #: the patterns given (a list; one str is one pattern)
+        self.exclude = list(patterns)
+        # every member parameter, excluded ones too (their masks stay all True)
         self.pruner = Pruner(model, targets=self.graph.param_names)
-        self._layers: dict[str, list[int]] = {}
+        self._layers: dict[str, list[int]] = {}  # prunable groups per layer
         for i, g in enumerate(self.graph.groups):
-            self._layers.setdefault(g.layer, []).append(i)
+            if not self._excluded[i]:
+                self._layers.setdefault(g.layer, []).append(i)
 
     # --------------------------------------------------------------- pruning
     @property
@@ -1131,11 +1234,16 @@ class GroupPruner:
         Everything is checked before any mask changes."""
         if isinstance(sparsity, Mapping):
             raise TypeError("GroupPruner.prune_to takes one fraction or count, not a mapping")
-        pruned = self.graph._select(sparsity, self.scope, self.pruned(), self.reduce, strict=False)
+        already = self.pruned()
+        self.graph._check_not_pruned(already, self._excluded, "the masks")
+        pruned = self.graph._select(
+            sparsity, self.scope, already, self.reduce, strict=False, excluded=self._excluded
+        )
         self.pruner.set_masks(self.graph.masks_for(pruned))
 
     def sparsity(self) -> SparsityReport:
-        """Pruned groups per layer (groups of the same producers, named by the first)."""
+        """Pruned groups per layer (groups of the same producers, named by the first),
+        counting prunable (not excluded) groups only."""
         pruned = self.pruned()
         return SparsityReport(
             tuple(
@@ -1151,9 +1259,15 @@ class GroupPruner:
     def describe(self) -> str:
         """One line: groups, layers, and the member parameters."""
         return (
-            f"{len(self.graph.groups)} dependency groups in {len(self._layers)} layers "
-            f"(scope={self.scope!r}, reduce={self.reduce!r}); members: {self.pruner.describe()}"
+            f"{len(self.graph.groups)} dependency groups in {len(self._layers)} prunable layers "
+            f"(scope={self.scope!r}, reduce={self.reduce!r}{self._exclude_note()}); "
+            f"members: {self.pruner.describe()}"
         )
+
+    def _exclude_note(self) -> str:
+        if not self.exclude:
+            return ""
+        return f", exclude={self.exclude!r}: {sum(self._excluded)} groups kept"
 
     # ------------------------------------------------- the Pruner underneath
     def attach(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
@@ -1179,26 +1293,44 @@ class GroupPruner:
             "kind": "groups",
             "scope": self.scope,
             "reduce": self.reduce,
+            "exclude": list(self.exclude),
             "groups": len(self.graph.groups),
             "pruner": self.pruner.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks saved by :meth:`state_dict`. A state of another kind, scope,
-        ranking or group count, or masks that prune part of a group, raise ``ValueError``
-        before anything changes."""
+        ranking, ``exclude`` (compared as a set of patterns; states saved before
+        ``exclude`` existed had none) or group count, or masks that prune part of a group
+        or an excluded group, raise ``ValueError`` before anything changes."""
         if not isinstance(state, Mapping) or state.get("kind") != "groups":
             raise ValueError("state is not a GroupPruner state_dict (no kind='groups')")
-        mine = {"scope": self.scope, "reduce": self.reduce, "groups": len(self.graph.groups)}
-        differ = [k for k, v in mine.items() if state.get(k) != v]
+        saved = dict(state)
+        saved.setdefault("exclude", [])
+        mine = {
+            "scope": self.scope,
+            "reduce": self.reduce,
+            "exclude": self.exclude,
+            "groups": len(self.graph.groups),
+        }
+
+        def same(k: str) -> bool:
+            if k == "exclude":
+                have = saved[k]
+                return isinstance(have, list | tuple) and set(have) == set(self.exclude)
+            return saved.get(k) == mine[k]
+
+        differ = [k for k in mine if not same(k)]
         if differ:
-            there = ", ".join(f"{k}={state.get(k)!r}" for k in differ)
+            there = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
             here = ", ".join(f"{k}={mine[k]!r}" for k in differ)
             raise ValueError(f"state_dict was saved with {there}; this GroupPruner has {here}")
         inner = state.get("pruner")
         masks = _unpacked(inner)
         if masks is not None and set(masks) == set(self.pruner.masks):
-            expected = self.graph.masks_for(self.graph.pruned(masks))
+            pruned = self.graph.pruned(masks)
+            self.graph._check_not_pruned(pruned, self._excluded, "state_dict masks")
+            expected = self.graph.masks_for(pruned)
             partial = [n for n in expected if not torch.equal(expected[n], masks[n])]
             if partial:
                 raise ValueError(
@@ -1210,7 +1342,8 @@ class GroupPruner:
     def __repr__(self) -> str:
         return (
             f"GroupPruner({type(self.model).__name__}, groups={len(self.graph.groups)}, "
-            f"scope={self.scope!r}, reduce={self.reduce!r})"
+            f"scope={self.scope!r}, reduce={self.reduce!r}"
+            f"{f', exclude={self.exclude!r}' if self.exclude else ''})"
         )
 
 
