@@ -71,8 +71,11 @@ def matching_aliases(
         raise TypeError(f"{what} {pattern!r} must be a name, a glob or a module type")
     found = [n for n in canonical if fnmatch.fnmatchcase(n, pattern)]
     if not found:
+        module = any(n.startswith(f"{pattern}.") for n in canonical)
+        hint = f"; {pattern!r} is a module: name its parameters, e.g. {pattern + '.*'!r}"
         raise ValueError(
             f"{what} {pattern!r} matches no parameter of {owner}{suggest(pattern, canonical)}"
+            f"{hint if module else ''}"
         )
     return found
 
