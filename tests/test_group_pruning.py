@@ -7,7 +7,9 @@ ranking code under test.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,255 @@ def test_config_structure_key(tmp_path: Path) -> None:
         load_config(GradualConfig, str(base), ["pruning.structure=channels"])
     with pytest.raises(ConfigError, match=r"pruning: .*method='random'"):
         load_config(GradualConfig, str(base), ["pruning.method=random"])
+
+
+# ------------------------------------------------------------------ exclude=
+def _channel_norms(model: ConvBNNet) -> list[float]:
+    """conv2's channel groups, reduce='sum' by hand: the conv row and bias, both BN
+    entries, and the 4 fc columns the channel owns after pool(2) and flatten."""
+    w, b, g, beta, fc = (
+        t.detach().double()
+        for t in (
+            model.conv2.weight,
+            model.conv2.bias,
+            model.bn2.weight,
+            model.bn2.bias,
+            model.fc.weight,
+        )
+    )
+    return [
+        float(
+            w[i].pow(2).sum()
+            + b[i] ** 2
+            + g[i] ** 2
+            + beta[i] ** 2
+            + fc[:, 4 * i : 4 * i + 4].pow(2).sum()
+        )
+        for i in range(6)
+    ]
+
+
+def test_exclude_leaves_the_layer_bit_equal_and_counts_only_the_rest() -> None:
+    model = _randomise(ConvBNNet())
+    x = torch.randn(4, 3, 4, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norms = _channel_norms(model)
+    pruner = GroupPruner(model, x[:1], exclude="conv1.weight", reduce="sum")
+    pruner.prune_to(0.5)
+    for name in ("conv1.weight", "bn1.weight", "bn1.bias"):  # conv1's 8 groups: untouched
+        assert torch.equal(model.get_parameter(name), before[name]), name
+        assert bool(pruner.masks[name].all()), name
+    dead = _dead_channels(model)
+    assert dead["conv1"] == set()
+    # half of conv2's 6 channels (not of 14): the 3 lowest norms, found by brute force
+    lowest = min(itertools.combinations(range(6), 3), key=lambda c: sum(norms[i] for i in c))
+    assert dead["conv2"] == set(lowest)
+    kept = [i for i in range(6) if i not in lowest]
+    assert torch.equal(model.conv2.weight[kept], before["conv2.weight"][kept])
+    assert pruner.sparsity().per_target() == {"conv2": 0.5}
+    assert pruner.sparsity().fraction == 0.5
+    pruner.prune_to(4)  # an int counts prunable groups per layer
+    assert len(_dead_channels(model)["conv2"]) == 4 and _dead_channels(model)["conv1"] == set()
+    assert torch.equal(model.conv1.weight, before["conv1.weight"])
+    assert "exclude=['conv1.weight']" in repr(pruner)
+
+
+def test_exclude_a_head_keeps_the_channels_feeding_it_and_compacts_equal() -> None:
+    model = _randomise(ConvBNNet())
+    x = torch.randn(4, 3, 4, 4)
+    fc = model.fc.weight.detach().clone()
+    pruner = GroupPruner(model, x[:1], exclude=["fc.*"])  # fc.weight: a member of conv2's groups
+    pruner.prune_to(0.75)
+    dead = _dead_channels(model)
+    assert len(dead["conv1"]) == 6 and dead["conv2"] == set()  # round(.75 * 8); conv2 kept
+    assert torch.equal(model.fc.weight, fc) and bool(pruner.masks["fc.weight"].all())
+    assert pruner.sparsity().per_target() == {"conv1": 0.75}
+    model.eval()
+    small = compact(model, x[:1], pruner=pruner)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc.in_features) == (2, 6, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_exclude_then_compact_removes_only_the_prunable_channels() -> None:
+    model = _randomise(ConvBNNet())
+    x = torch.randn(4, 3, 4, 4)
+    pruner = GroupPruner(model, x[:1], exclude="conv1.*")
+    pruner.prune_to(0.5)
+    model.eval()
+    small = compact(model, x[:1], pruner=pruner)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc.in_features) == (8, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in small.parameters()) == (
+        8 * 3 * 9 + 2 * 8 + 3 * 8 * 9 + 3 + 2 * 3 + 5 * 12 + 5
+    )  # conv1, bn1 whole; conv2 (+bias), bn2, fc at 3 channels, by hand
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(),
+        nn.Linear(4, 2),
+    )  # fmt: skip
+
+
+def test_exclude_global_scope_ranks_the_prunable_groups_only() -> None:
+    model = _mlp()
+    w = [model[i].weight.detach().double() for i in (0, 2, 4, 6)]
+    b = [model[i].bias.detach().double() for i in (0, 2, 4)]
+    first = model[0].weight.detach().clone()
+    # reduce='sum' by hand: unit j of layer k is its row, bias and outgoing column
+    scores = {
+        (k, j): float(w[k][j].pow(2).sum() + b[k][j] ** 2 + w[k + 1][:, j].pow(2).sum())
+        for k in (1, 2)
+        for j in range(w[k].shape[0])
+    }
+    means = {k: sum(v for (m, _), v in scores.items() if m == k) / w[k].shape[0] for k in (1, 2)}
+    ranked = sorted(scores, key=lambda k: (scores[k] / means[k[0]], k))
+    expected = set(ranked[:5])  # round(0.5 * 10): layers 2 and 4 only, layer 0 excluded
+    pruner = GroupPruner(model, torch.zeros(1, 4), scope="global", reduce="sum", exclude="0.*")
+    pruner.prune_to(0.5)
+    gone = {
+        (k, j) for k in (1, 2) for j in range(w[k].shape[0]) if not model[2 * k].weight[j].any()
+    }
+    assert gone == expected
+    assert torch.equal(model[0].weight, first) and bool(model[0].weight.all())
+    assert pruner.sparsity().fraction == 0.5  # 5 of the 10 prunable groups
+    assert set(pruner.sparsity().per_target()) == {"2", "4"}
+
+
+def test_group_masks_exclude_and_its_checks() -> None:
+    model = _mlp()
+    graph = GroupPruner(model, torch.zeros(1, 4)).graph
+    assert graph.excluded("2.bias") == [False] * 8 + [True] * 6 + [False] * 4
+    masks = graph.group_masks(0.5, exclude=["2.weight"])  # layers 0 and 2 both touch it
+    assert all(bool(masks[n].all()) for n in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    assert int((~masks["4.weight"].all(dim=1)).sum()) == 2  # round(0.5 * 4)
+    first = graph.group_masks(0.5)  # prunes layer 0's units, among others
+    with pytest.raises(ValueError, match="prune 4 excluded group"):
+        graph.group_masks(0.5, masks=first, exclude="0.weight")
+    with pytest.raises(ValueError, match="leaves no dependency group to prune"):
+        graph.group_masks(0.5, exclude=["2.weight", "6.weight"])
+
+
+def test_exclude_bad_patterns_raise_before_anything_changes() -> None:
+    model = _randomise(ConvBNNet())
+    x = torch.zeros(1, 3, 4, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        ValueError, match=r"exclude entry 'conv9\.weight' matches no parameter of ConvBNNet"
+    ):
+        GroupPruner(model, x, exclude=["conv1.weight", "conv9.weight"])
+    with pytest.raises(
+        ValueError,
+        match=r"exclude entry 'conv1' matches no parameter.*did you mean.*is a module.*'conv1\.\*'",
+    ):
+        GroupPruner(model, x, exclude="conv1")  # a module name (as for Pruner)
+    with pytest.raises(
+        ValueError, match=r"exclude=\['conv1\.\*', 'fc\.weight'\] leaves no dependency group"
+    ):
+        GroupPruner(model, x, exclude=["conv1.*", "fc.weight"])
+    with pytest.raises(TypeError, match="exclude=3"):
+        GroupPruner(model, x, exclude=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="exclude entry 3"):
+        GroupPruner(model, x, exclude=[3])  # type: ignore[list-item]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # a parameter in no group (fc's outputs are the model's) is dense anyway: no change
+    plain = GroupPruner(copy.deepcopy(model), x)
+    extra = GroupPruner(model, x, exclude="fc.bias")
+    plain.prune_to(0.5)
+    extra.prune_to(0.5)
+    assert all(torch.equal(extra.masks[n], m) for n, m in plain.masks.items())
+
+
+def test_exclude_is_in_the_state_dict_and_a_different_one_is_refused() -> None:
+    x = torch.zeros(1, 3, 4, 4)
+    pruner = GroupPruner(_randomise(ConvBNNet()), x, exclude=["conv1.*"])
+    pruner.prune_to(0.5)
+    state = pruner.state_dict()
+    assert state["exclude"] == ["conv1.*"]
+    same = GroupPruner(_randomise(ConvBNNet()), x, exclude="conv1.*")
+    same.load_state_dict(state)
+    assert all(torch.equal(same.masks[n], m) for n, m in pruner.masks.items())
+    for other in ((), ["fc.weight"]):
+        fresh = GroupPruner(_randomise(ConvBNNet()), x, exclude=other)
+        named = re.escape("exclude=['conv1.*']") + ".*" + re.escape(f"exclude={list(other)!r}")
+        with pytest.raises(ValueError, match=named):
+            fresh.load_state_dict(state)
+        assert all(bool(m.all()) for m in fresh.masks.values())  # refused before any change
+    # a state saved without exclude (older prunekit) loads where none is given
+    plain = GroupPruner(_randomise(ConvBNNet()), x)
+    plain.prune_to(0.5)
+    old = {k: v for k, v in plain.state_dict().items() if k != "exclude"}
+    GroupPruner(_randomise(ConvBNNet()), x).load_state_dict(old)
+    # masks pruning an excluded group (edited state) are refused
+    forged = dict(plain.state_dict(), exclude=["conv1.*"])
+    with pytest.raises(ValueError, match="excluded group"):
+        GroupPruner(_randomise(ConvBNNet()), x, exclude="conv1.*").load_state_dict(forged)
+
+
+def test_callback_groups_exclude_keeps_the_layer_and_a_resume_must_match(tmp_path: Path) -> None:
+    schedule = Polynomial(0.0, 0.75, begin=0, end=4, frequency=2)
+    example = torch.zeros(1, 12)
+    model = TinyNet()
+    pruning = Pruning(schedule, structure="groups", example_input=example, exclude="net.0.*")
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    trainer(max_steps=6, callbacks=[pruning, saver], enable_checkpointing=True).fit(model, loader())
+    net = model.net
+    assert bool(net[0].weight.any(dim=1).all())  # layer 0: no unit pruned (32 alive)
+    assert bool(pruning.pruner.masks["net.0.weight"].all())
+    assert bool(pruning.pruner.masks["net.0.bias"].all())
+    assert int((~net[2].weight.any(dim=1)).sum()) == 12  # round(0.75 * 16) of layer 2 only
+    assert pruning.pruner.sparsity().fraction == pytest.approx(0.75)
+    assert pruning.pruner.exclude == ["net.0.*"]
+    with pytest.raises(ValueError, match=r"exclude=\['net\.0\.\*'\].*exclude=\[\]"):
+        trainer(
+            max_steps=8, callbacks=[Pruning(schedule, structure="groups", example_input=example)]
+        ).fit(TinyNet(), loader(), ckpt_path=str(tmp_path / "step=6.ckpt"))
+    with pytest.raises(TypeError, match="exclude=3"):
+        Pruning(schedule, structure="groups", exclude=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"exclude entry 'net\.9\.weight' matches no parameter"):
+        trainer(
+            max_steps=2,
+            callbacks=[
+                Pruning(schedule, structure="groups", example_input=example, exclude="net.9.weight")
+            ],
+        ).fit(TinyNet(), loader())
+
+
+def test_config_groups_exclude_runs_and_compacts(tmp_path: Path, single_thread: None) -> None:
+    from prunekit.experiments.gradual import run_gradual
+    from prunekit.experiments.paths import RunPaths
+
+    from tests.test_data import tiny_gradual
+
+    base = Path(__file__).parent.parent / "experiments" / "configs" / "groups_conv4_50.yaml"
+    cfg = load_config(GradualConfig, str(base), ["data.subset=100", "pruning.exclude=[conv1.*]"])
+    assert list(cfg.pruning.exclude) == ["conv1.*"]
+    with pytest.raises(ConfigError, match=r"pruning: exclude entry 'conv9\.weight' matches no"):
+        load_config(GradualConfig, str(base), ["pruning.exclude=[conv9.weight]"])
+    with pytest.raises(ConfigError, match=r"pruning: .*leaves no dependency group"):
+        load_config(GradualConfig, str(base), ["pruning.exclude=['*']"])
+    cfg = tiny_gradual(
+        tmp_path,
+        "data._target_=tests.test_data.InTestData",
+        "data.options={n: 96, batch_size: 16}",
+        "pruning.structure=groups",
+        "pruning.scope=layer",
+        "pruning.exclude=[fc1.weight]",
+    )
+    summary = run_gradual(cfg)
+    root = RunPaths.for_config(cfg).root
+    masks = torch.load(root / "masks.pt", weights_only=True)
+    final = torch.load(root / "final.pt", weights_only=True)
+    assert bool(masks["fc1.weight"].all()) and bool(final["fc1.weight"].any(dim=1).all())
+    assert int((~final["fc2.weight"].any(dim=1)).sum()) == 50  # round(0.5 * 100) of fc2
+    assert summary["sparsity"] == 0.5 and summary["sparsity_per_layer"] == {"fc2": 0.5}
+    net = build_model("lenet_300_100", num_classes=4, input_shape=(2, 6, 6)).eval()
+    net.load_state_dict(final)
+    x = torch.randn(5, 2, 6, 6)
+    small = compact(net, x[:1], masks=masks)
+    assert (small.fc1.out_features, small.fc2.out_features) == (300, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=0)
