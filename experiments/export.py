@@ -54,9 +54,46 @@ def _load_run(run: P.RunPaths) -> tuple[Any, nn.Module, dict[str, torch.Tensor]]
                 f"{run.final_weights.name} and {run.masks.name}"
             )
     net = build_model(cfg.model)
-    net.load_state_dict(_load(run.final_weights))
+    try:
+        net.load_state_dict(_load(run.final_weights))
+    except RuntimeError as e:  # missing / unexpected keys, other shapes
+        raise ConfigError(
+            f"{run.final_weights} does not hold the weights of model={cfg.model!r} (the "
+            f"run's config): {str(e).splitlines()[0]} ..."
+        ) from None
     masks = _load(run.masks)
+    _check_masks(run, net, masks)
     return cfg, net.eval(), masks
+
+
+def _check_masks(run: P.RunPaths, net: nn.Module, masks: Any) -> None:
+    """``masks`` are bool masks of ``net``'s parameters, and the weights are zero wherever
+    they prune: otherwise final.pt and masks.pt are not one run's (a file was replaced or
+    written by another run), and the table's "before" would not be the pruned model."""
+    params = dict(net.named_parameters())
+    if not isinstance(masks, dict):
+        raise ConfigError(f"{run.masks} holds a {type(masks).__name__}, not a dict of masks")
+    for name, m in masks.items():
+        if name not in params:
+            raise ConfigError(f"{run.masks} names {name!r}, not a parameter of the model")
+        if (
+            not isinstance(m, torch.Tensor)
+            or m.dtype != torch.bool
+            or m.shape != params[name].shape
+        ):
+            raise ConfigError(
+                f"{run.masks}: masks[{name!r}] must be a bool tensor of shape "
+                f"{tuple(params[name].shape)}"
+            )
+    live = {n: int((params[n].detach() != 0)[~m].sum()) for n, m in masks.items()}
+    live = {n: c for n, c in live.items() if c}
+    if live:
+        first = ", ".join(f"{n} ({c})" for n, c in list(live.items())[:3])
+        raise ConfigError(
+            f"{run.final_weights} has {sum(live.values()):,} non-zero weights where "
+            f"{run.masks} prunes them, in {first}{' ...' if len(live) > 3 else ''}: the two "
+            "files are not from one finished run (replaced or modified?)"
+        )
 
 
 def _test_batches(cfg: Any, limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

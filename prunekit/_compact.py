@@ -249,18 +249,90 @@ def compact(
             raise ValueError("pruner=... prunes another model than the one given to compact")
         masks = pruner.masks
     graph = DependencyGraph(model, example_input, blocks_only=blocks_only, tracer=tracer)
+    _check_tied_members(graph)
     pruned = graph.pruned(masks)
     if not complete:
         _check_complete(graph, masks, pruned)
-    return _rebuild(graph, graph.kept(pruned))
+    kept = graph.kept(pruned)
+    _check_tied_modules(graph, kept)
+    return _rebuild(graph, kept, masks)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each name of a parameter the model holds under several names (tied weights): all
+    its names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
+
+
+def _check_tied_members(graph: DependencyGraph) -> None:
+    """A group member that is a tied weight: removing one layer's slices would cut the
+    other layer's weight as well (or its other name is unknown to the masks)."""
+    aliases = _aliases(graph.model)
+    for g in graph.groups:
+        for name, *_ in g.members:
+            if name in aliases:
+                raise ValueError(
+                    f"{' and '.join(aliases[name])} are one shared (tied) parameter, and "
+                    f"{name} is a member of the dependency group of {', '.join(g.producers)}: "
+                    "compaction would cut it for one layer and not the other; untie the "
+                    "weights (e.g. copy.deepcopy the parameter) before compacting"
+                )
+
+
+def _changes(graph: DependencyGraph, kept: list[bool]) -> list[str]:
+    """The modules :func:`_rebuild` rewrites (reshape and pad nodes left out)."""
+
+    def cut(ids: list[int] | None) -> bool:
+        return ids is not None and not all(kept[e] for e in ids)
+
+    out = []
+    for name, io in graph.module_io.items():
+        kind = io["kind"]
+        if kind == "layer":
+            changed = cut(io["out"]) or cut(io["in"])
+        elif kind in ("batchnorm", "depthwise"):
+            changed = cut(io["ids"])
+        elif kind == "attention":
+            changed = True  # always swapped for a PrunedAttention
+        elif kind == "hf_attention":
+            changed = cut(io["heads"])
+        else:
+            continue
+        if changed:
+            out.append(name)
+    return out
+
+
+def _check_tied_modules(graph: DependencyGraph, kept: list[bool]) -> None:
+    aliases = _aliases(graph.model)
+    for mod in _changes(graph, kept):
+        for name, _ in graph.model.get_submodule(mod).named_parameters(prefix=mod):
+            if name in aliases:
+                raise ValueError(
+                    f"{' and '.join(aliases[name])} are one shared (tied) parameter and "
+                    f"compaction changes {mod!r}: the copy would no longer share it; untie "
+                    "the weights before compacting"
+                )
 
 
 @torch.no_grad()
-def _rebuild(graph: DependencyGraph, kept: list[bool]) -> nn.Module:
+def _rebuild(graph: DependencyGraph, kept: list[bool], masks: Mapping[str, Tensor]) -> nn.Module:
     new = copy.deepcopy(graph.gm if graph.gm is not None else graph.model)
+    # the copy computes the masked model even where the masks are not applied to the
+    # model's weights yet (masked_fill: a masked inf or NaN becomes 0, as when pruned)
+    own = dict(new.named_parameters())
+    for pname, m in masks.items():
+        if pname in own:  # (fx leaves out modules the forward never calls)
+            own[pname].masked_fill_(~m.to(own[pname].device), 0.0)
     nodes = {n.name: n for n in new.graph.nodes} if isinstance(new, fx.GraphModule) else {}
+    changed = set(_changes(graph, kept))
     for name, io in graph.module_io.items():
         kind = io["kind"]
+        if kind != "reshape" and kind != "pad" and name not in changed:
+            continue  # nothing removed: left as it is (a tied weight stays tied)
         if kind == "layer":
             _shrink(new.get_submodule(name), _kept_idx(io["out"], kept), _kept_idx(io["in"], kept))
         elif kind == "batchnorm":

@@ -11,11 +11,18 @@ tensors does not pay a file record (about 270 bytes) per tensor.
 NaN counts as a value, and a tensor holding negative zeros (``w * mask`` makes them;
 prunekit's own zeroing does not) gets a second bitmask marking them, so loading gives
 the dense tensors back bit for bit.
+
+``torch.load`` does not check the CRCs of the zip records it reads, so a damaged byte in
+a values buffer would load as a wrong weight: the file holds a CRC-32 of every buffer and
+of the entries (version 3), checked on loading. (Accidental damage, not tampering: CRC-32
+is no cryptographic hash.) Version 2 files, written before the checks, still load.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,7 +32,9 @@ from torch import Tensor, nn
 from prunekit._state import pack_mask, unpack_mask
 
 FORMAT = "prunekit-sparse"
-VERSION = 2
+VERSION = 3
+#: versions :func:`decompress_state_dict` reads (2: without checksums)
+READABLE = (2, 3)
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -36,6 +45,28 @@ def _values(t: Tensor) -> Tensor:
 
 def _key(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _plain(t: Tensor) -> bool:
+    return t.layout == torch.strided and not t.is_quantized
+
+
+def _crc(t: Tensor) -> int:
+    """CRC-32 of a tensor's dtype, shape and bytes."""
+    head = zlib.crc32(f"{t.dtype}:{list(t.shape)}".encode())
+    flat = t.detach().cpu().reshape(-1).contiguous()
+    return zlib.crc32(flat.view(torch.uint8).numpy(), head) if flat.numel() else head
+
+
+def _checksums(packed: Mapping[str, Any]) -> dict[str, int]:
+    """The CRC-32s stored with (and checked against) a compressed state_dict."""
+    entries = json.dumps(packed["entries"], sort_keys=True).encode()
+    sums = {"entries": zlib.crc32(entries), "bits": _crc(packed["bits"])}
+    sums.update({f"values.{k}": _crc(v) for k, v in packed["values"].items()})
+    sums.update(
+        {f"raw.{k}": _crc(v) for k, v in packed["raw"].items() if _plain(v)}
+    )  # (sparse and quantized tensors, stored whole, are not checked)
+    return sums
 
 
 def compress_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -72,12 +103,13 @@ def compress_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
     for name, t in state.items():
         t = t.detach().cpu()
-        if t.layout != torch.strided or t.is_quantized:
+        if not _plain(t):
             raw[name] = t.clone()
             entries[name] = {"raw": True}
             continue
         entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _key(t.dtype)}
-        keep = _values(t) if t.is_floating_point() else None
+        # (one-byte floats are stored whole: torch has no != or signbit for them)
+        keep = _values(t) if t.is_floating_point() and t.element_size() > 1 else None
         if keep is not None:
             negative = ~keep & t.signbit()
             count, has_negative = int(keep.sum()), bool(negative.any())
@@ -92,7 +124,7 @@ def compress_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
                 continue
         entry["dense"] = put_values(t.reshape(-1).clone())
         entries[name] = entry
-    return {
+    packed = {
         "format": FORMAT,
         "version": VERSION,
         "entries": entries,
@@ -100,6 +132,8 @@ def compress_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "values": {k: torch.cat(v) for k, v in values.items()},
         "raw": raw,
     }
+    packed["checksums"] = _checksums(packed)
+    return packed
 
 
 def decompress_state_dict(packed: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -111,18 +145,34 @@ def decompress_state_dict(packed: Mapping[str, Any]) -> dict[str, Tensor]:
     """
     if not isinstance(packed, Mapping) or packed.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} checkpoint (no format={FORMAT!r} entry)")
-    if packed.get("version") != VERSION:
-        raise ValueError(
-            f"{FORMAT} version={packed.get('version')!r}; this prunekit reads {VERSION}"
-        )
+    version = packed.get("version")
+    if version not in READABLE:
+        raise ValueError(f"{FORMAT} version={version!r}; this prunekit reads {READABLE}")
+    entries = packed.get("entries")
+    if not isinstance(entries, Mapping) or not all(isinstance(k, str) for k in entries):
+        raise ValueError(f"{FORMAT} checkpoint is damaged: 'entries' is not a dict of names")
     out: dict[str, Tensor] = {}
-    for name, entry in packed["entries"].items():
+    for name, entry in entries.items():
         try:
             out[name] = _entry(packed, name, entry)
-        except (KeyError, IndexError, RuntimeError, AttributeError) as e:
+        except (KeyError, IndexError, RuntimeError, AttributeError, TypeError) as e:
             raise ValueError(
                 f"{FORMAT} entry {name!r} is damaged: {type(e).__name__}: {e}"
             ) from None
+    if version >= 3:
+        stored = packed.get("checksums")
+        try:
+            now = _checksums(packed)
+        except (KeyError, AttributeError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{FORMAT} checkpoint is damaged: {type(e).__name__}: {e}") from None
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"{FORMAT} checkpoint is damaged: no 'checksums' dict")
+        bad = sorted(set(now) ^ set(stored) | {k for k in now if stored.get(k) != now[k]})
+        if bad:
+            raise ValueError(
+                f"{FORMAT} checkpoint is damaged: checksum mismatch in {bad} (the file was "
+                "changed or corrupted after it was written)"
+            )
     return out
 
 
@@ -130,6 +180,11 @@ def _entry(packed: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> Te
     if entry.get("raw"):
         return packed["raw"][name]
     shape, dtype = tuple(entry["shape"]), entry["dtype"]
+    if not all(isinstance(size, int) and size >= 0 for size in shape):
+        raise TypeError(f"shape {list(shape)} is not a list of sizes")
+    for key in ("dense", "values", "count", "bits", "negative_zeros"):
+        if key in entry and (not isinstance(entry[key], int) or entry[key] < 0):
+            raise TypeError(f"{key}={entry[key]!r} is not an offset or count")
     numel = 1
     for size in shape:
         numel *= size
@@ -180,7 +235,16 @@ def load_sparse(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     >>> torch.equal(back["weight"], model.weight), size < 0.25 * 128 * 128 * 4
     (True, True)
     """
-    return decompress_state_dict(torch.load(path, weights_only=True))
+    try:
+        packed = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, not a torch file, unpickling refused...
+        raise ValueError(
+            f"{os.fspath(path)} cannot be loaded (truncated or corrupt?): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    return decompress_state_dict(packed)
 
 
 def _is_2_4(w: Tensor) -> bool:
