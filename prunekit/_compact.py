@@ -27,7 +27,11 @@ class PrunedAttention(nn.Module):
     ``num_heads * head_dim`` features, scaled by the original ``1/sqrt(head_dim)``.
 
     Takes :class:`torch.nn.MultiheadAttention`'s arguments and returns ``(output,
-    weights or None)`` the same way, so a compacted model calls it unchanged.
+    weights or None)`` the same way, so a compacted model calls it unchanged. The
+    weights are those of the masked original: ``heads_of=(H, kept)`` (``from_attention``
+    sets it) puts back the ``H - len(kept)`` removed heads, whose masked queries and keys
+    are zero, so their weights are the softmax of the masks alone (uniform without
+    masks); averaged weights are then averaged over all ``H`` heads, as the original's.
 
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(1, 3, 8)
@@ -53,8 +57,18 @@ class PrunedAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = False,
+        heads_of: tuple[int, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
+        if heads_of is not None and (
+            len(heads_of[1]) != num_heads
+            or sorted(set(heads_of[1])) != list(heads_of[1])
+            or not all(0 <= h < heads_of[0] for h in heads_of[1])
+        ):
+            raise ValueError(
+                f"heads_of={heads_of!r} must be (total heads, {num_heads} sorted kept heads)"
+            )
+        self.heads_of = None if heads_of is None else (heads_of[0], list(heads_of[1]))
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(q_in, inner, bias=bias)
         self.k_proj = nn.Linear(k_in, inner, bias=bias)
@@ -86,6 +100,7 @@ class PrunedAttention(nn.Module):
         new = cls(
             len(cols["q"]), len(cols["k"]), len(cols["v"]), len(out_rows), len(heads), hd,
             bias=has_bias, dropout=mha.dropout, batch_first=mha.batch_first,
+            heads_of=(mha.num_heads, sorted(heads)),
         )  # fmt: skip
         for i, role in enumerate("qkv"):
             if mha._qkv_same_embed_dim:
@@ -124,6 +139,7 @@ class PrunedAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         if is_causal and attn_mask is None:
             attn_mask = torch.ones(lq, ls, dtype=torch.bool, device=q.device).triu(1)
+        masked = torch.zeros(1, 1, lq, ls, dtype=q.dtype, device=q.device)  # masks only
         for m, shape in ((attn_mask, None), (key_padding_mask, (n, 1, 1, ls))):
             if m is None:
                 continue
@@ -137,6 +153,7 @@ class PrunedAttention(nn.Module):
                     "head, which no longer line up once heads are pruned: pass a 2-d mask"
                 )
             scores = scores + m
+            masked = masked + m
         weights = scores.softmax(dim=-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, self.dropout)
@@ -146,6 +163,11 @@ class PrunedAttention(nn.Module):
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
+        if self.heads_of is not None and self.heads_of[0] != self.num_heads:
+            total, kept = self.heads_of
+            full = masked.softmax(dim=-1).expand(n, total, lq, ls).clone()
+            full[:, kept] = weights
+            weights = full
         return out, weights.mean(dim=1) if average_attn_weights else weights
 
 
@@ -255,6 +277,7 @@ def compact(
         _check_complete(graph, masks, pruned)
     kept = graph.kept(pruned)
     _check_tied_modules(graph, kept)
+    _check_direct_reads(graph, kept)
     return _rebuild(graph, kept, masks)
 
 
@@ -304,6 +327,26 @@ def _changes(graph: DependencyGraph, kept: list[bool]) -> list[str]:
         if changed:
             out.append(name)
     return out
+
+
+def _check_direct_reads(graph: DependencyGraph, kept: list[bool]) -> None:
+    """Code that reads a parameter or buffer of a layer compaction shrinks (``x @
+    self.fc.weight.t()``) would see the smaller tensor: its result would change shape or
+    value without the trace following it."""
+    if graph.gm is None:
+        return
+    changed = _changes(graph, kept)
+    for node in graph.gm.graph.nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        for mod in changed:
+            if node.target.startswith(f"{mod}."):
+                raise ValueError(
+                    f"the model reads {node.target} directly (fx node {node.name!r}), not "
+                    f"only through {mod!r}'s forward, and compaction shrinks {mod!r}: that "
+                    "read would change; keep this layer's channels (do not prune its "
+                    "groups) or read the tensor through the layer"
+                )
 
 
 def _check_tied_modules(graph: DependencyGraph, kept: list[bool]) -> None:
