@@ -9,8 +9,10 @@ size, CPU latency and test accuracy before and after, and record them in the run
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,14 @@ from prunekit import (
 )
 
 COMPACT_FORMAT = "prunekit-compact"
+#: 2: with a CRC-32 of everything in the file (torch.load checks none: a damaged byte
+#: loaded as a wrong weight); files without a version (1) still load, unchecked
+COMPACT_VERSION = 2
 
 
 def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, weights_only=True)
+    try:  # (map_location: a run trained on a GPU exports on a machine without one)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # truncated zip, not a torch file, unpickling refused...
         raise ConfigError(f"{path} cannot be loaded (truncated or corrupt?): {e}") from None
 
@@ -134,16 +139,30 @@ def save_compact(
 ) -> None:
     """Write a compacted model: its state_dict plus the packed masks that rebuild its
     structure from ``build_model(model_name)`` (see :func:`load_compact`)."""
-    P.save_torch(
-        path,
-        {
-            "format": COMPACT_FORMAT,
-            "model": model_name,
-            "masks": {n: pack_mask(m) for n, m in masks.items()},
-            "shapes": {n: list(m.shape) for n, m in masks.items()},
-            "state_dict": small.state_dict(),
-        },
-    )
+    saved = {
+        "format": COMPACT_FORMAT,
+        "version": COMPACT_VERSION,
+        "model": model_name,
+        "masks": {n: pack_mask(m) for n, m in masks.items()},
+        "shapes": {n: list(m.shape) for n, m in masks.items()},
+        "state_dict": {k: v.detach().cpu() for k, v in small.state_dict().items()},
+    }
+    saved["crc32"] = _compact_crc(saved)
+    P.save_torch(path, saved)
+
+
+def _compact_crc(saved: dict[str, Any]) -> int:
+    """CRC-32 of a compact file's model name, mask shapes and every tensor (names, dtypes,
+    shapes and bytes)."""
+    crc = zlib.crc32(json.dumps([saved["model"], saved["shapes"]], sort_keys=True).encode())
+    for part in ("masks", "state_dict"):
+        for name in sorted(saved[part]):
+            t = saved[part][name].reshape(-1).contiguous()
+            crc = zlib.crc32(
+                f"{part}.{name}:{t.dtype}:{list(saved[part][name].shape)}".encode(), crc
+            )
+            crc = zlib.crc32(t.view(torch.uint8).numpy(), crc) if t.numel() else crc
+    return crc
 
 
 def load_compact(path: Path, example_input: torch.Tensor) -> nn.Module:
@@ -151,6 +170,19 @@ def load_compact(path: Path, example_input: torch.Tensor) -> nn.Module:
     saved = _load(path)
     if not isinstance(saved, dict) or saved.get("format") != COMPACT_FORMAT:
         raise ConfigError(f"{path} is not a {COMPACT_FORMAT} file")
+    version = saved.get("version", 1)
+    if version not in (1, COMPACT_VERSION):
+        raise ConfigError(f"{path}: {COMPACT_FORMAT} version={version!r}; this reads 1 and 2")
+    if version >= 2:
+        try:
+            ok = saved.get("crc32") == _compact_crc(saved)
+        except Exception as e:  # a damaged structure: missing keys, not tensors...
+            raise ConfigError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+        if not ok:
+            raise ConfigError(
+                f"{path} is damaged: its CRC-32 does not match (changed or corrupted after "
+                "it was written)"
+            )
     masks = {n: unpack_mask(b, saved["shapes"][n]) for n, b in saved["masks"].items()}
     small = compact(build_model(saved["model"]), example_input, masks=masks, complete=True)
     small.load_state_dict(saved["state_dict"])
