@@ -165,9 +165,9 @@ class PrunedAttention(nn.Module):
             return out, None
         if self.heads_of is not None and self.heads_of[0] != self.num_heads:
             total, kept = self.heads_of
-            full = masked.softmax(dim=-1).expand(n, total, lq, ls).clone()
-            full[:, kept] = weights
-            weights = full
+            full = masked.softmax(dim=-1).expand(n, total, lq, ls)
+            index = torch.tensor(kept, device=weights.device)
+            weights = full.index_copy(1, index, weights)
         return out, weights.mean(dim=1) if average_attn_weights else weights
 
 
@@ -215,8 +215,8 @@ def _check_complete(
         for member in g.members:
             name = member[0]
             view = params[name].detach()
-            if name in masks:
-                view = view * masks[name]
+            if name in masks:  # (masked_fill: a masked NaN or inf counts as pruned)
+                view = view.masked_fill(~masks[name], 0)
             live = _member_slice(view, member)
             if bool(live.any()):
                 raise ValueError(

@@ -80,6 +80,23 @@ def test_masks_are_applied_without_turning_a_non_finite_weight_into_nan() -> Non
     assert float(small.get_submodule("0").weight.detach()[1, 2]) == 0.0
 
 
+def test_a_masked_nan_in_a_removed_group_does_not_block_compaction() -> None:
+    """A NaN or inf weight under a False mask is pruned (the masked model holds 0 there):
+    the completeness check must not read it as a live entry."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    graph = DependencyGraph(model, x)
+    masks = graph.masks_for([i in (0, 3) for i in range(len(graph.groups))])
+    with torch.no_grad():
+        model[0].weight[0, 1] = float("nan")
+        model[0].bias[3] = float("inf")
+    small = compact(model, x, masks=masks)
+    assert small.get_submodule("0").weight.shape == (4, 4)
+    expected = _outputs(_masked_copy(model, masks), x)
+    torch.testing.assert_close(_outputs(small, x), expected, atol=ATOL, rtol=0)
+
+
 class TiedChain(nn.Module):
     """Two Linear layers sharing one weight: removing a channel of one removes an input
     of the other, so compaction cannot be done layer by layer."""
