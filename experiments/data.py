@@ -43,6 +43,7 @@ __all__ = [
     "MEAN",
     "NUM_CLASSES",
     "STD",
+    "EpochShuffleSampler",
     "FashionMNIST",
     "FashionMNISTDataModule",
     "IDXDataModule",
@@ -271,11 +272,16 @@ def load_fashion_mnist(root: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> Image
     )
 
 
-class _EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(Sampler[int]):
     """A random permutation of ``range(n)`` drawn from ``seed + epoch``.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a resumed run sees the same
     order as an uninterrupted one. Without it (a plain loop), each pass advances the epoch.
+
+    >>> s = EpochShuffleSampler(5, seed=0)
+    >>> first = list(s); s.set_epoch(0)
+    >>> list(s) == first, sorted(first)
+    (True, [0, 1, 2, 3, 4])
     """
 
     def __init__(self, n: int, seed: int) -> None:
@@ -447,7 +453,7 @@ class IDXDataModule(L.LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        sampler = _EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,

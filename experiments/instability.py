@@ -62,6 +62,7 @@ from omegaconf import DictConfig
 from prunekit.callbacks import HoldMasks, RewindPoint
 from prunekit.experiments import training
 from prunekit.experiments.config import ConfigError, InstabilityConfig, load_config
+from prunekit.experiments.data import EpochShuffleSampler
 from prunekit.experiments.module import Classifier
 from prunekit.experiments.paths import (
     RunFolderError,
@@ -77,7 +78,7 @@ from prunekit.experiments.paths import (
     write_json,
 )
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "DataOrder",
@@ -185,24 +186,6 @@ def path_errors(
     return errors, losses
 
 
-class _EpochOrder(Sampler[int]):
-    """A permutation of ``range(n)`` from ``seed + epoch`` (Lightning sets the epoch)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        return iter(torch.randperm(self.n, generator=generator).tolist())
-
-
 class DataOrder(L.LightningDataModule):
     """``data`` with its training images in another order: every epoch a permutation drawn
     from ``seed + epoch``; batch size, collation, validation and test loaders unchanged.
@@ -237,7 +220,7 @@ class DataOrder(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=loader.batch_size,
-            sampler=_EpochOrder(len(dataset), self.seed),
+            sampler=EpochShuffleSampler(len(dataset), self.seed),
             drop_last=loader.drop_last,
             collate_fn=loader.collate_fn,
             num_workers=0,
