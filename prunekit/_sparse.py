@@ -296,9 +296,9 @@ def to_semi_structured(model: nn.Module, targets: Iterable[str] | None = None) -
             raise ValueError(f"{n}.weight is {w.dtype}; 2:4 kernels take float16 or bfloat16")
     from torch.sparse import to_sparse_semi_structured
 
-    for n in names:
-        layer = linears[n]
-        layer.weight = nn.Parameter(
-            to_sparse_semi_structured(layer.weight.detach()), requires_grad=False
-        )
+    # convert every weight first: torch refuses some shapes (too small for the kernels),
+    # and a refusal must leave the whole model unchanged, not half of it swapped
+    swapped = {n: to_sparse_semi_structured(linears[n].weight.detach()) for n in names}
+    for n, w in swapped.items():
+        linears[n].weight = nn.Parameter(w, requires_grad=False)
     return names

@@ -175,3 +175,20 @@ def test_many_small_tensors_share_buffers() -> None:
     assert len(packed["values"]) == 2  # float32 and int64 (num_batches_tracked)
     assert _saved_size(packed) / _saved_size(state) <= 0.15
     _assert_bit_exact(state, decompress_state_dict(packed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_semi_structured_refusal_leaves_every_layer_unchanged() -> None:
+    """torch refuses 2:4 tensors too small for its kernels (8 rows here): the layer before
+    it must not have been swapped already."""
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        pytest.skip("GPU without 2:4 sparse kernels")
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 8)).half().cuda()
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(nm_mask(layer.weight, 2, 4))
+    with pytest.raises(RuntimeError):
+        to_semi_structured(model)
+    assert all(layer.weight.layout == torch.strided for layer in model)
+    assert all(type(layer.weight.data) is torch.Tensor for layer in model)
