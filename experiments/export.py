@@ -227,8 +227,8 @@ def export_run(
         except ValueError:  # the masks leave biases / BatchNorm entries of pruned channels
             small = compact(net, example, masks=masks, complete=True)
             note += (
-                " with the biases and BatchNorm entries the masks left live, so the outputs "
-                "differ from the masked model's"
+                " with the biases, BatchNorm entries and next layers' inputs the masks left "
+                "live, so the outputs differ from the masked model's"
             )
         save_compact(run.compact_model, cfg.model, graph.masks_for(pruned), small)
         after_model, after_file = load_compact(run.compact_model, example), run.compact_model

@@ -80,8 +80,10 @@ def compress_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
     >>> packed["entries"]["w"], packed["values"]["float32"][:3].tolist(), packed["bits"].numel()
     ({'shape': [16, 4], 'dtype': 'float32', 'values': 0, 'count': 24, 'bits': 0}, [1.5, 3.0, 2.0], 8)
     """
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise TypeError("state must be a state_dict: a mapping of names to tensors")
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise TypeError("state must be a state_dict: a mapping of names (str) to tensors")
     bits: list[Tensor] = []
     values: dict[str, list[Tensor]] = {}
     sizes = {"bits": 0}

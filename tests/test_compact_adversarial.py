@@ -339,6 +339,11 @@ def test_scalars_empty_and_float8_tensors_round_trip_bit_exact() -> None:
         assert torch.equal(_bits(back[k]), _bits(v)), k
 
 
+def test_names_must_be_strings() -> None:
+    with pytest.raises(TypeError, match=r"names \(str\)"):
+        compress_state_dict({1: torch.zeros(2)})  # type: ignore[dict-item]
+
+
 def test_version_2_checkpoints_still_load() -> None:
     """Files written before the checksums (version 2) load as they did."""
     packed = compress_state_dict(_state())
@@ -420,6 +425,8 @@ def test_export_twice_gives_the_same_files_and_counts(tmp_path: Path) -> None:
     nonzero = sum(int(t.count_nonzero()) for t in net.parameters())
     assert first["params"] == [266_610, kept]
     assert first["nonzero_params"][0] == nonzero
+    sizes = [(tmp_path / f).stat().st_size for f in ("final.pt", "compact.pt")]
+    assert first["file_bytes"] == sizes
 
 
 @pytest.mark.xfail(
