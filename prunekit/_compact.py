@@ -246,7 +246,10 @@ def compact(
     next layers' input slices) must be masked or zero too, or the removal would change
     the outputs: that raises ``ValueError`` unless ``complete=True``, which removes them
     anyway (the result then computes what the model with whole-group masks computes).
-    The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
+    The masks are applied to the copy, so the result computes the masked model even where
+    ``model``'s weights do not hold them yet. A tied (shared) weight in a group or in a
+    layer that shrinks, and a shrinking layer's parameter read outside its forward,
+    raise ``ValueError``. The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
     ``blocks_only=True`` (models torch.fx cannot trace, such as Hugging Face BERT) only
     attention heads and transformer MLP features are removed, in a deep copy of ``model``.
     ``tracer``: ``"auto"`` (torch.fx, and torch.export where fx fails), ``"fx"`` or
