@@ -169,7 +169,9 @@ def decompress_state_dict(packed: Mapping[str, Any]) -> dict[str, Tensor]:
             raise ValueError(f"{FORMAT} checkpoint is damaged: {type(e).__name__}: {e}") from None
         if not isinstance(stored, Mapping):
             raise ValueError(f"{FORMAT} checkpoint is damaged: no 'checksums' dict")
-        bad = sorted(set(now) ^ set(stored) | {k for k in now if stored.get(k) != now[k]})
+        bad = sorted(
+            str(k) for k in set(now) ^ set(stored) | {k for k in now if stored.get(k) != now[k]}
+        )
         if bad:
             raise ValueError(
                 f"{FORMAT} checkpoint is damaged: checksum mismatch in {bad} (the file was "

@@ -296,6 +296,10 @@ def test_damaged_entries_are_refused_even_when_they_still_decode() -> None:
     packed["values"]["float32"][-1] += 1.0  # the last dense value of 'b'
     with pytest.raises(ValueError, match="checksum"):
         decompress_state_dict(packed)
+    packed = compress_state_dict(_state())
+    packed["checksums"][("a", "tuple")] = 1  # (one bit flip in the pickle made this)
+    with pytest.raises(ValueError, match="checksum"):
+        decompress_state_dict(packed)
 
 
 @pytest.mark.parametrize(
