@@ -274,7 +274,7 @@ def compact(
             raise ValueError("pruner=... prunes another model than the one given to compact")
         masks = pruner.masks
     graph = DependencyGraph(model, example_input, blocks_only=blocks_only, tracer=tracer)
-    _check_tied_members(graph)
+    _check_members(graph)
     pruned = graph.pruned(masks)
     if not complete:
         _check_complete(graph, masks, pruned)
@@ -293,12 +293,21 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {n: group for group in names.values() if len(group) > 1 for n in group}
 
 
-def _check_tied_members(graph: DependencyGraph) -> None:
-    """A group member that is a tied weight: removing one layer's slices would cut the
-    other layer's weight as well (or its other name is unknown to the masks)."""
+def _check_members(graph: DependencyGraph) -> None:
+    """Every group member is a parameter of its own: not a tied weight (removing one
+    layer's slices would cut the other layer's weight as well, and its other name is
+    unknown to the masks), nor a tensor a hook computes from other parameters."""
     aliases = _aliases(graph.model)
+    params = dict(graph.model.named_parameters())
     for g in graph.groups:
         for name, *_ in g.members:
+            if name not in aliases and name not in params:
+                raise ValueError(
+                    f"{name} is not a parameter of {type(graph.model).__name__} (a "
+                    "torch.nn.utils.prune hook or a parametrization computes it): make "
+                    "those permanent (prune.remove, parametrize.remove_parametrizations) "
+                    "before compacting"
+                )
             if name in aliases:
                 raise ValueError(
                     f"{' and '.join(aliases[name])} are one shared (tied) parameter, and "

@@ -150,6 +150,42 @@ def test_tied_weights_outside_every_group_keep_their_tie() -> None:
     assert sum(p.numel() for p in small.parameters()) == before - 4 * (4 + 1) - 4 * 4
 
 
+def test_weights_computed_by_torch_prune_or_a_parametrization_are_refused() -> None:
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as torch_prune
+
+    x = torch.randn(5, 6)
+    masks = {"2.weight": torch.ones(3, 6, dtype=torch.bool)}
+    pruned = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    torch_prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"0\.weight is not a parameter.*prune\.remove"):
+        compact(pruned, x, masks=masks)
+
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.triu() + w.triu(1).transpose(0, 1)
+
+    param = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    parametrize.register_parametrization(param[0], "weight", Symmetric())
+    with pytest.raises(ValueError, match=r"0\.weight is not a parameter.*parametrization"):
+        compact(param, x, masks=masks)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="prunekit/_groups.py (not ours): a weight computed by a torch.nn.utils.prune "
+    "hook or a parametrization is a group member by its module name ('0.weight') but not "
+    "in named_parameters(), so group_masks raises KeyError('0.weight')",
+)
+def test_dependency_graph_refuses_computed_weights_clearly() -> None:
+    import torch.nn.utils.prune as torch_prune
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        DependencyGraph(model, torch.randn(5, 6)).group_masks(0.5)
+
+
 class AttentionWithWeights(nn.Module):
     """Returns the attention weights too (need_weights=True, nn.MultiheadAttention's
     default): with heads removed they must still be the masked model's."""
