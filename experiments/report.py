@@ -464,6 +464,15 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
         ]
         lines.append(f"gradual runs ({SPREAD})")
         lines.append(table(["run", "seeds", "dense acc", "pruned acc", "sparsity"], rows))
+    exported = export_rows(groups)
+    if exported:
+        lines.append(f"exported runs (prunekit export; after / before, {SPREAD})")
+        lines.append(
+            table(
+                ["run", "export", "seeds", "params", "file", "latency", "acc before", "acc after"],
+                exported,
+            )
+        )
     for (kind, name), g in groups.items():
         if kind != "lottery":
             continue
@@ -515,8 +524,95 @@ def compare(runs: Sequence[str | Path], plot_path: Path | None = None) -> str:
             written.append(
                 plot_methods(gradual_runs, path.with_name(f"{path.stem}-methods{path.suffix}"))
             )
+        if exported:
+            path = Path(plot_path)
+            written.append(
+                plot_exports(groups, path.with_name(f"{path.stem}-exports{path.suffix}"))
+            )
         lines.append("\n".join(f"plot written: {p}" for p in written))
     return "\n\n".join(lines)
+
+
+# ------------------------------------------------------------------ exports
+def export_records(
+    groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]],
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Per (experiment name, export mode): the ``prunekit export`` records of its runs
+    (``export_compact.json`` / ``export_sparse.json`` in the run folders), in run order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (kind, name), g in groups.items():
+        if kind != "gradual":
+            continue
+        for mode in ("compact", "sparse"):
+            paths = [RunPaths(run).export_record(mode) for run, _ in g]
+            records = [read_json(p) for p in paths if p.is_file()]
+            if records:
+                out[(name, mode)] = records
+    return out
+
+
+def export_rows(
+    groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]],
+) -> list[list[Any]]:
+    """One row per (experiment, export mode): ratios after / before of parameters, file
+    size and latency, and test accuracy before and after (mean ± sample std over seeds)."""
+
+    def ratio(records: list[dict[str, Any]], key: str) -> str:
+        return _mean_std([r[key][1] / r[key][0] for r in records])
+
+    return [
+        [
+            name,
+            mode,
+            len(records),
+            ratio(records, "params"),
+            ratio(records, "file_bytes"),
+            ratio(records, "latency_ms"),
+            _mean_std([r["test_acc"][0] for r in records]),
+            _mean_std([r["test_acc"][1] for r in records]),
+        ]
+        for (name, mode), records in export_records(groups).items()
+    ]
+
+
+def plot_exports(
+    groups: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]], path: Path
+) -> Path:
+    """Test accuracy after export against the exported model's latency (ms, as measured
+    by ``prunekit export``; each run's own dense-shape time as a hollow marker), mean ±
+    sample std over seeds, one colour per experiment and export mode."""
+    fig, ax = _axes(
+        "What pruning pays: accuracy against CPU latency (prunekit export)",
+        "latency (ms per batch, prunekit export; hollow: before export)",
+        "test accuracy",
+    )
+    for (name, mode), records in export_records(groups).items():
+        after = [r["latency_ms"][1] for r in records]
+        before = [r["latency_ms"][0] for r in records]
+        acc = [r["test_acc"][1] for r in records]
+        x, x_std, n = mean_std(after)
+        y, y_std, _ = mean_std(acc)
+        line = ax.errorbar(
+            [x],
+            [y],
+            xerr=[x_std or 0.0],
+            yerr=[y_std or 0.0],
+            marker="o",
+            capsize=2,
+            label=f"{name} --{mode} (n={n})",
+        )
+        ax.plot(
+            [statistics.fmean(before)],
+            [statistics.fmean(r["test_acc"][0] for r in records)],
+            marker="o",
+            markerfacecolor="none",
+            color=line[0].get_color(),
+            linestyle="none",
+        )
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
 
 
 def _plot_groups(

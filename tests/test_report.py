@@ -190,6 +190,28 @@ def test_tables_use_the_sample_std_and_say_so(folders: dict[str, Any]) -> None:
     assert "plot written" not in text
 
 
+def test_exported_runs_get_ratios_and_a_latency_plot(
+    folders: dict[str, Any], tmp_path: Path
+) -> None:
+    records = [  # (params, file bytes, latency ms, test acc) before and after, per seed
+        ([1000, 250], [8000, 2400], [10.0, 4.0], [0.80, 0.80]),
+        ([1000, 250], [8000, 2000], [12.0, 3.0], [0.84, 0.84]),
+    ]
+    for folder, (params, size, ms, acc) in zip(folders["g"], records, strict=True):
+        record = {"params": params, "file_bytes": size, "latency_ms": ms, "test_acc": acc}
+        (folder / "export_compact.json").write_text(json.dumps(record))
+    text = report.compare(folders["all"], tmp_path / "r.png")
+    row = next(line for line in text.splitlines() if line.startswith("gmp  compact"))
+    assert row.split()[:3] == ["gmp", "compact", "2"]
+    assert f"{0.25:.4f} ± {0.0:.4f}" in row  # parameters
+    assert f"{0.275:.4f} ± {sample_std([0.3, 0.25]):.4f}" in row  # file size
+    assert f"{0.325:.4f} ± {sample_std([0.4, 0.25]):.4f}" in row  # latency
+    assert row.count(f"{0.82:.4f} ± {sample_std([0.80, 0.84]):.4f}") == 2  # before = after
+    assert (tmp_path / "r-exports.png").stat().st_size > 0
+    assert f"plot written: {tmp_path / 'r-exports.png'}" in text
+    assert "export" not in report.compare(folders["a"])  # runs without exports: no table
+
+
 def test_cli_report_prints_the_written_paths(
     folders: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
