@@ -127,7 +127,12 @@ class PrunedAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if not self.batch_first:
+        unbatched = query.dim() == 2  # (L, E), as nn.MultiheadAttention takes it
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, lq, _ = query.shape
         ls = key.shape[1]
@@ -159,7 +164,9 @@ class PrunedAttention(nn.Module):
             weights = F.dropout(weights, self.dropout)
         out = (weights @ v).transpose(1, 2).reshape(n, lq, self.num_heads * self.head_dim)
         out = self.out_proj(out)
-        if not self.batch_first:
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
@@ -168,7 +175,8 @@ class PrunedAttention(nn.Module):
             full = masked.softmax(dim=-1).expand(n, total, lq, ls)
             index = torch.tensor(kept, device=weights.device)
             weights = full.index_copy(1, index, weights)
-        return out, weights.mean(dim=1) if average_attn_weights else weights
+        weights = weights.mean(dim=1) if average_attn_weights else weights
+        return out, weights.squeeze(0) if unbatched else weights
 
 
 def _kept_idx(ids: list[int] | None, kept: list[bool]) -> list[int] | None:

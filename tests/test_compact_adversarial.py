@@ -227,6 +227,34 @@ def test_attention_weights_of_removed_heads_are_the_masked_models(average: bool)
     torch.testing.assert_close(w2, w, atol=ATOL, rtol=0)
 
 
+class Unbatched(nn.Module):
+    """nn.MultiheadAttention on an unbatched (L, E) sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(5, 8), nn.Linear(8, 2)
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.proj(x))
+        out, w = self.attn(h, h, h, key_padding_mask=pad)
+        return self.head(out), w
+
+
+def test_attention_on_an_unbatched_sequence() -> None:
+    torch.manual_seed(7)
+    model = Unbatched().eval()
+    x, pad = torch.randn(4, 5), torch.tensor([False, False, False, True])
+    masks = DependencyGraph(model, (x, pad)).group_masks(0.5)
+    Pruner(model, targets=list(masks)).set_masks(masks)
+    small = compact(model, (x, pad), masks=masks)
+    with torch.no_grad():
+        (y, w), (y2, w2) = model(x, pad), small(x, pad)
+    assert y2.shape == y.shape == (4, 2) and w2.shape == w.shape == (4, 4)
+    torch.testing.assert_close(y2, y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(w2, w, atol=ATOL, rtol=0)
+
+
 class ReadsWeight(nn.Module):
     """Uses fc1's weight outside fc1's forward: its shape is part of an output."""
 
