@@ -484,9 +484,12 @@ def model_cost(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> 
             macs += out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
         elif isinstance(mod, nn.MultiheadAttention | PrunedAttention):
             q, k = args[0], args[1]
-            batch_first = mod.batch_first
-            n, lq = (q.shape[0], q.shape[1]) if batch_first else (q.shape[1], q.shape[0])
-            ls = k.shape[1] if batch_first else k.shape[0]
+            if q.dim() == 2:  # one unbatched sequence (L, E)
+                n, lq, ls = 1, q.shape[0], k.shape[0]
+            elif mod.batch_first:
+                n, lq, ls = q.shape[0], q.shape[1], k.shape[1]
+            else:
+                n, lq, ls = q.shape[1], q.shape[0], k.shape[0]
             inner = mod.num_heads * mod.head_dim
             macs += 2 * n * lq * ls * inner  # q k^T and weights @ v
             if isinstance(mod, nn.MultiheadAttention):  # projections run inside its functional

@@ -255,6 +255,16 @@ def test_attention_on_an_unbatched_sequence() -> None:
     torch.testing.assert_close(w2, w, atol=ATOL, rtol=0)
 
 
+def test_cost_of_attention_on_an_unbatched_sequence() -> None:
+    from prunekit import model_cost
+
+    x, pad = torch.randn(4, 5), torch.zeros(4, dtype=torch.bool)
+    # by hand, L = 4, E = 8, one sequence: proj 4*8*5; attention q k^T and w v 2*4*4*8;
+    # in-projections (4*8 + 4*(8+8))*8; out_proj 4*8*8; head 4*2*8
+    by_hand = 4 * 8 * 5 + 2 * 4 * 4 * 8 + (4 * 8 + 4 * 16) * 8 + 4 * 8 * 8 + 4 * 2 * 8
+    assert model_cost(Unbatched(), (x, pad)).macs == by_hand
+
+
 class ReadsWeight(nn.Module):
     """Uses fc1's weight outside fc1's forward: its shape is part of an output."""
 
