@@ -480,6 +480,9 @@ def model_cost(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> 
         nonlocal macs
         if isinstance(mod, nn.Linear):
             macs += out.numel() * mod.in_features
+        elif isinstance(mod, nn.modules.conv._ConvTransposeNd):  # per input position
+            k = math.prod(mod.kernel_size)
+            macs += args[0].numel() * (mod.out_channels // mod.groups) * k
         elif isinstance(mod, nn.modules.conv._ConvNd):
             macs += out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
         elif isinstance(mod, nn.MultiheadAttention | PrunedAttention):

@@ -265,6 +265,17 @@ def test_cost_of_attention_on_an_unbatched_sequence() -> None:
     assert model_cost(Unbatched(), (x, pad)).macs == by_hand
 
 
+def test_cost_of_a_transposed_convolution() -> None:
+    """Each input position meets out_channels / groups * prod(kernel) weights."""
+    from prunekit import model_cost
+
+    up = nn.ConvTranspose2d(8, 4, kernel_size=2, stride=2)
+    x = torch.randn(1, 8, 4, 4)
+    assert model_cost(up, x).macs == (8 * 4 * 4) * 4 * (2 * 2)  # 2,048
+    grouped = nn.ConvTranspose1d(6, 4, kernel_size=3, stride=2, groups=2)
+    assert model_cost(grouped, torch.randn(2, 6, 5)).macs == (2 * 6 * 5) * (4 // 2) * 3
+
+
 class ReadsWeight(nn.Module):
     """Uses fc1's weight outside fc1's forward: its shape is part of an output."""
 
