@@ -428,6 +428,25 @@ def test_scalars_empty_and_float8_tensors_round_trip_bit_exact() -> None:
         assert torch.equal(_bits(back[k]), _bits(v)), k
 
 
+def test_views_and_nan_payloads_round_trip_bit_exact() -> None:
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(16, 12, generator=g) * (torch.rand(16, 12, generator=g) > 0.9)
+    payload = torch.tensor([0x7FC01234, 0xFF800001], dtype=torch.int64).int().view(torch.float32)
+    nan = torch.zeros(64)
+    nan[[3, 40]] = payload  # a quiet NaN with a payload and a signalling one
+    state = {
+        "transposed": base.t(),
+        "strided": base[::3, 1::2],
+        "expanded": torch.zeros(1).expand(100),  # stride 0
+        "nan": nan,
+        "int8": torch.tensor([0, -1, 5], dtype=torch.int8),
+    }
+    back = decompress_state_dict(compress_state_dict(state))
+    for k, v in state.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        assert torch.equal(_bits(back[k]), _bits(v)), k
+
+
 def test_names_must_be_strings() -> None:
     with pytest.raises(TypeError, match=r"names \(str\)"):
         compress_state_dict({1: torch.zeros(2)})  # type: ignore[dict-item]
