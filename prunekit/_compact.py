@@ -279,7 +279,12 @@ def compact(
         raise TypeError(f"complete={complete!r} must be a bool")
     if pruner is not None:
         if getattr(pruner, "model", None) is not model:
-            raise ValueError("pruner=... prunes another model than the one given to compact")
+            raise ValueError(
+                f"pruner=... prunes another model ({type(getattr(pruner, 'model', None)).__name__} "
+                f"at {id(getattr(pruner, 'model', None)):#x}) than the one given to compact "
+                f"({type(model).__name__} at {id(model):#x}); for a copy of its model pass "
+                "masks=pruner.masks"
+            )
         masks = pruner.masks
     graph = DependencyGraph(model, example_input, blocks_only=blocks_only, tracer=tracer)
     _check_members(graph)
