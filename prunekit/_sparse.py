@@ -161,7 +161,7 @@ def decompress_state_dict(packed: Mapping[str, Any]) -> dict[str, Tensor]:
             raise ValueError(
                 f"{FORMAT} entry {name!r} is damaged: {type(e).__name__}: {e}"
             ) from None
-    if version >= 3:
+    if version >= 3 or "checksums" in packed:  # (a version damaged to 2 is still checked)
         stored = packed.get("checksums")
         try:
             now = _checksums(packed)

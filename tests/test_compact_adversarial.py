@@ -385,6 +385,11 @@ def test_damaged_entries_are_refused_even_when_they_still_decode() -> None:
     packed["checksums"][("a", "tuple")] = 1  # (one bit flip in the pickle made this)
     with pytest.raises(ValueError, match="checksum"):
         decompress_state_dict(packed)
+    packed = compress_state_dict(_state())
+    packed["version"] = 2  # damaged too: the checksums that are there are still checked
+    packed["values"]["float32"][0] += 1.0
+    with pytest.raises(ValueError, match="checksum"):
+        decompress_state_dict(packed)
 
 
 @pytest.mark.parametrize(
