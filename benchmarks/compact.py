@@ -5,7 +5,9 @@
    forward passes on a batch of 64 Fashion-MNIST-sized images, one thread. Next to them,
    the same architecture built by hand at half width (every layer's channels halved, the
    image input and the logits kept): what compaction should reach. The models run
-   alternately (order rotating each round); medians. Goal <= 0.35.
+   alternately (order rotating each round); medians. Goal <= 0.35. Then again with the
+   models and input in ``torch.channels_last`` memory format (rows ``-cl``), where oneDNN
+   picks other convolution kernels.
 2. Checkpoint size, compressed (bitmask + kept values) / dense ``torch.save``, at 90 %
    global unstructured magnitude sparsity, next to torch's CSR format. Goal <= 0.15.
 
@@ -29,6 +31,7 @@ from prunekit import DependencyGraph, Pruner, compact, compress_state_dict, mode
 
 MODELS = ("conv4", "resnet20")
 LATENCY_GOAL, SIZE_GOAL = 0.35, 0.15
+FORMATS = {"": torch.contiguous_format, "-cl": torch.channels_last}
 
 
 def _with_bn_statistics(model: nn.Module) -> nn.Module:
@@ -47,7 +50,9 @@ def _time(model: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def latency(name: str, batch: int, rounds: int) -> dict[str, float]:
+def latency(
+    name: str, batch: int, rounds: int, memory_format: torch.memory_format = torch.contiguous_format
+) -> dict[str, float]:
     torch.manual_seed(0)
     model = _with_bn_statistics(build_model(name))
     example = torch.randn(1, 1, 28, 28)
@@ -59,6 +64,9 @@ def latency(name: str, batch: int, rounds: int) -> dict[str, float]:
     with torch.inference_mode():
         error = float((model(x) - small(x)).abs().max())
     variants = {"masked": model, "compact": small, "half": _half_width(build_model(name)).eval()}
+    x = x.contiguous(memory_format=memory_format)
+    for m in variants.values():
+        m.to(memory_format=memory_format)
     for m in variants.values():
         for _ in range(3):
             _time(m, x)
@@ -152,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'model':<10}{'masked ms':>11}{'compact ms':>12}{'ratio':>8}{'params':>8}{'MACs':>8}"
         f"{'max err':>10}{'by hand':>9}{'MACs':>7}  goal <= {LATENCY_GOAL}"
     )
-    for name in MODELS:
-        r = latency(name, args.batch, args.rounds)
+    for name, fmt in [(m, f) for f in FORMATS for m in MODELS]:
+        r = latency(name, args.batch, args.rounds, FORMATS[fmt])
         print(
-            f"{name:<10}{r['masked_ms']:>11.2f}{r['compact_ms']:>12.2f}{r['ratio']:>8.3f}"
+            f"{name + fmt:<10}{r['masked_ms']:>11.2f}{r['compact_ms']:>12.2f}{r['ratio']:>8.3f}"
             f"{r['params_ratio']:>8.3f}{r['macs_ratio']:>8.3f}{r['max_abs_error']:>10.1e}"
             f"{r['half_ratio']:>9.3f}{r['half_macs_ratio']:>7.3f}"
             f"  {'met' if r['ratio'] <= LATENCY_GOAL else 'MISSED'}"
         )
-    print("(by hand: the architecture built at half width, latency and MACs / masked)")
+    print("(by hand: the architecture built at half width, latency and MACs / masked;")
+    print(" -cl: all three models and the input in channels_last memory format)")
     print("\ncheckpoint size at 90 % unstructured (global magnitude), ratio to dense torch.save")
     print(f"{'model':<15}{'dense bytes':>12}{'bitmask':>9}{'CSR':>7}  goal <= {SIZE_GOAL}")
     for name in ("lenet_300_100", *MODELS):
