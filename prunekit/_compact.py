@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit._groups import DependencyGraph, _member_slice
+from prunekit._groups import DependencyGraph, _member_slice, _shared_parameters
 
 
 class PrunedAttention(nn.Module):
@@ -256,8 +256,10 @@ def compact(
     anyway (the result then computes what the model with whole-group masks computes).
     The masks are applied to the copy, so the result computes the masked model even where
     ``model``'s weights do not hold them yet. A tied (shared) weight in a group or in a
-    layer that shrinks, and a shrinking layer's parameter read outside its forward,
-    raise ``ValueError``. The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
+    layer that shrinks, a weight a hook computes (``torch.nn.utils.prune``, a
+    parametrization) in a group, and a shrinking layer's parameter read outside its
+    forward (the graph pins such a layer's channels, so only an attention is left to
+    catch) raise ``ValueError``. The copy is a ``torch.fx.GraphModule``; ``model`` is unchanged. With
     ``blocks_only=True`` (models torch.fx cannot trace, such as Hugging Face BERT) only
     attention heads and transformer MLP features are removed, in a deep copy of ``model``.
     ``tracer``: ``"auto"`` (torch.fx, and torch.export where fx fails), ``"fx"`` or
@@ -286,8 +288,8 @@ def compact(
                 "masks=pruner.masks"
             )
         masks = pruner.masks
+    # (the graph refuses tied and computed weights in its groups: _groups._check_members)
     graph = DependencyGraph(model, example_input, blocks_only=blocks_only, tracer=tracer)
-    _check_members(graph)
     pruned = graph.pruned(masks)
     if not complete:
         _check_complete(graph, masks, pruned)
@@ -295,39 +297,6 @@ def compact(
     _check_tied_modules(graph, kept)
     _check_direct_reads(graph, kept)
     return _rebuild(graph, kept, masks)
-
-
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Each name of a parameter the model holds under several names (tied weights): all
-    its names."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n: group for group in names.values() if len(group) > 1 for n in group}
-
-
-def _check_members(graph: DependencyGraph) -> None:
-    """Every group member is a parameter of its own: not a tied weight (removing one
-    layer's slices would cut the other layer's weight as well, and its other name is
-    unknown to the masks), nor a tensor a hook computes from other parameters."""
-    aliases = _aliases(graph.model)
-    params = dict(graph.model.named_parameters())
-    for g in graph.groups:
-        for name, *_ in g.members:
-            if name not in aliases and name not in params:
-                raise ValueError(
-                    f"{name} is not a parameter of {type(graph.model).__name__} (a "
-                    "torch.nn.utils.prune hook or a parametrization computes it): make "
-                    "those permanent (prune.remove, parametrize.remove_parametrizations) "
-                    "before compacting"
-                )
-            if name in aliases:
-                raise ValueError(
-                    f"{' and '.join(aliases[name])} are one shared (tied) parameter, and "
-                    f"{name} is a member of the dependency group of {', '.join(g.producers)}: "
-                    "compaction would cut it for one layer and not the other; untie the "
-                    "weights (e.g. copy.deepcopy the parameter) before compacting"
-                )
 
 
 def _changes(graph: DependencyGraph, kept: list[bool]) -> list[str]:
@@ -375,7 +344,7 @@ def _check_direct_reads(graph: DependencyGraph, kept: list[bool]) -> None:
 
 
 def _check_tied_modules(graph: DependencyGraph, kept: list[bool]) -> None:
-    aliases = _aliases(graph.model)
+    aliases = _shared_parameters(graph.model)
     for mod in _changes(graph, kept):
         for name, _ in graph.model.get_submodule(mod).named_parameters(prefix=mod):
             if name in aliases:

@@ -10,7 +10,10 @@ consumers' input slices (after a flatten, a channel owns ``H*W`` consecutive inp
 
 Channels that cannot be removed without changing what the model computes are *pinned*:
 those reaching the model's output, mixed by a normalisation over channels (LayerNorm),
-a softmax or a reduction over channels, or combined with an untracked tensor. An
+a softmax or a reduction over channels, combined with an untracked tensor, or of a layer
+whose parameters the model also reads outside the layer's forward (``x @ fc.weight.t()``).
+A group member that is a tied weight or a tensor a hook computes (``torch.nn.utils.prune``,
+a parametrization) raises ``ValueError`` when the graph is built. An
 operation the trace does not understand, applied to tracked channels, raises
 :class:`UnsupportedModelError` naming the node: never a guess.
 """
@@ -128,6 +131,46 @@ class Group:
         return [(m[0], _member_slice(params[m[0]], m)) for m in self.members]
 
 
+def _shared_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Each name of a parameter that several modules hold (tied weights): all its names
+    (a module registered under two names is one module: not a tie)."""
+    names: dict[int, list[str]] = {}
+    owners: dict[int, set[int]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+            owners.setdefault(id(p), set()).add(id(mod))
+    return {n: group for i, group in names.items() if len(owners[i]) > 1 for n in group}
+
+
+def _check_members(model: nn.Module, groups: Sequence[Group]) -> None:
+    """Raise ``ValueError`` unless every group member is a parameter of its own: not a
+    tied weight (masking one layer's slices would mask the other layer's weight too, and
+    compaction would cut it for one layer only; its second name is not in
+    ``named_parameters()``), nor a tensor a hook computes from other parameters (a
+    ``torch.nn.utils.prune`` mask, a parametrization)."""
+    tied = _shared_parameters(model)
+    params = dict(model.named_parameters())
+    for g in groups:
+        for name, *_ in g.members:
+            if name in tied:
+                raise ValueError(
+                    f"{' and '.join(tied[name])} are one shared (tied) parameter, and "
+                    f"{name} is a member of the dependency group of {', '.join(g.producers)}: "
+                    "pruning its slices for one layer would prune them for the other too, "
+                    "and compaction would cut it for one layer and not the other; untie the "
+                    "weights (e.g. copy.deepcopy the parameter) before pruning groups or "
+                    "compacting"
+                )
+            if name not in params:
+                raise ValueError(
+                    f"{name} is not a parameter of {type(model).__name__} (a "
+                    "torch.nn.utils.prune hook or a parametrization computes it): make "
+                    "those permanent (prune.remove, parametrize.remove_parametrizations) "
+                    "before pruning groups or compacting"
+                )
+
+
 def _member_slice(t: Tensor, member: tuple[str, str, int, tuple[int, ...], Any]) -> Tensor:
     _, _, dim, idx, rows = member
     if rows is not None:
@@ -200,6 +243,7 @@ class DependencyGraph:
         if blocks_only:
             self._blocks(model)
             self.groups = self._build_groups()
+            _check_members(model, self.groups)
             return
         self.gm, self.traced_by, inputs = _trace(model, inputs, tracer)
         was_training = model.training
@@ -211,7 +255,9 @@ class DependencyGraph:
             model.train(was_training)
         for node in self.gm.graph.nodes:
             self.tracks[node.name] = self._visit(node)
+        self._pin_direct_reads()
         self.groups = self._build_groups()
+        _check_members(model, self.groups)
 
     # ------------------------------------------------------------ union-find
     def _new(self, n: int, *, pinned: bool = False) -> list[int]:
@@ -282,6 +328,21 @@ class DependencyGraph:
         if node.op == "call_method":
             return self._visit_method(node)
         raise self._refuse(node, "unknown node kind")
+
+    def _pin_direct_reads(self) -> None:
+        """Pin every channel of a layer whose parameter or buffer the model reads outside
+        that layer's forward (an fx ``get_attr``, e.g. ``x @ self.fc.weight.t()``): the
+        trace does not follow such a read, and removing the layer's channels would change
+        what it reads (a shape of an output, a value)."""
+        if self.gm is None:
+            return
+        reads = [n.target for n in self.gm.graph.nodes if n.op == "get_attr" and n.users]
+        for name, io in self.module_io.items():
+            if name.startswith("node:") or not any(r.startswith(f"{name}.") for r in reads):
+                continue
+            for key in ("in", "out", "ids", "heads", "q", "k", "v"):
+                if io.get(key) is not None:
+                    self._pin(io[key])
 
     def _pin_all(self, arg: Any) -> None:
         if isinstance(arg, fx.Node):

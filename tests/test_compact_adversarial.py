@@ -23,6 +23,7 @@ from torch import nn
 
 from prunekit import (
     DependencyGraph,
+    GroupPruner,
     Pruner,
     compact,
     compress_state_dict,
@@ -171,19 +172,26 @@ def test_weights_computed_by_torch_prune_or_a_parametrization_are_refused() -> N
         compact(param, x, masks=masks)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prunekit/_groups.py (not ours): a weight computed by a torch.nn.utils.prune "
-    "hook or a parametrization is a group member by its module name ('0.weight') but not "
-    "in named_parameters(), so group_masks raises KeyError('0.weight')",
-)
 def test_dependency_graph_refuses_computed_weights_clearly() -> None:
+    """(It raised KeyError('0.weight').)"""
+    import torch.nn.utils.parametrize as parametrize
     import torch.nn.utils.prune as torch_prune
 
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
     torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
-    with pytest.raises(ValueError, match=r"0\.weight"):
+    with pytest.raises(ValueError, match=r"0\.weight is not a parameter.*prune\.remove"):
         DependencyGraph(model, torch.randn(5, 6)).group_masks(0.5)
+    torch_prune.remove(model[0], "weight")  # made permanent: fine
+    assert len(DependencyGraph(model, torch.randn(5, 6)).groups) == 6
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    param = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    parametrize.register_parametrization(param[2], "weight", Double())
+    with pytest.raises(ValueError, match=r"2\.weight is not a parameter.*remove_parametrizations"):
+        DependencyGraph(param, torch.randn(5, 6)).group_masks(0.5)
 
 
 class AttentionWithWeights(nn.Module):
@@ -277,42 +285,68 @@ def test_cost_of_a_transposed_convolution() -> None:
 
 
 class ReadsWeight(nn.Module):
-    """Uses fc1's weight outside fc1's forward: its shape is part of an output."""
+    """Reads a weight of the fc1 -> fc2 chain outside its layer's forward (fc1's rows,
+    or fc2's columns, which are fc1's channels): pruning fc1's channels would change an
+    output's shape (fc1) or values (fc2). The g1 -> g2 branch is read only through its
+    layers: g1's 5 channels stay prunable."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: str = "fc1") -> None:
         super().__init__()
+        self.read = read
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.g1, self.g2 = nn.Linear(4, 5), nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fc2(F.relu(self.fc1(x))), x @ self.fc1.weight.t()
+        y = self.fc2(F.relu(self.fc1(x))) + self.g2(F.relu(self.g1(x)))
+        if self.read == "fc1":
+            return y, x @ self.fc1.weight.t()
+        return y, self.fc2.weight.abs().sum(dim=0)
 
 
-def test_a_weight_read_outside_its_layer_is_refused() -> None:
+def test_a_layer_whose_weight_is_read_directly_is_not_compacted() -> None:
+    """Masks that zero one of fc1's channels by hand: fc1 is in no group (pinned), so
+    compaction keeps its 8 rows, and the result computes the masked model."""
     torch.manual_seed(5)
     model = ReadsWeight()
     x = torch.randn(2, 4)
-    masks = DependencyGraph(model, x).group_masks(0.5)
-    Pruner(model, targets=list(masks)).set_masks(masks)
-    with pytest.raises(ValueError, match=r"reads fc1\.weight directly"):
-        compact(model, x, masks=masks)
-    # nothing removed from fc1 (only fc2's outputs... are pinned): no refusal needed
-    untouched = {n: torch.ones_like(m) for n, m in masks.items()}
-    small = compact(model, x, masks=untouched)
+    masks = {
+        "fc1.weight": torch.ones(8, 4, dtype=torch.bool),
+        "fc1.bias": torch.ones(8, dtype=torch.bool),
+        "fc2.weight": torch.ones(3, 8, dtype=torch.bool),
+    }
+    masks["fc1.weight"][1] = False
+    masks["fc1.bias"][1] = False
+    masks["fc2.weight"][:, 1] = False
+    small = compact(model, x, masks=masks)
+    assert small.get_submodule("fc1").weight.shape == (8, 4)
+    ref = _masked_copy(model, masks)
     with torch.no_grad():
-        for a, b in zip(model(x), small(x), strict=True):
+        for a, b in zip(ref(x), small(x), strict=True):
             torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prunekit/_groups.py (not ours): DependencyGraph ignores get_attr reads of a "
-    "producing layer's weight, so fc1's channels form groups although pruning them "
-    "changes the shape of the model's second output (compact refuses; the graph should "
-    "pin them)",
-)
-def test_dependency_graph_pins_a_layer_whose_weight_is_read_directly() -> None:
-    graph = DependencyGraph(ReadsWeight(), torch.randn(2, 4))
-    assert all("fc1" not in g.producers for g in graph.groups)
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("read", ["fc1", "fc2"])
+def test_dependency_graph_pins_a_layer_whose_weight_is_read_directly(
+    read: str, tracer: str
+) -> None:
+    """(It pruned fc1's channels, a model compaction could not build.)"""
+    torch.manual_seed(5)
+    model = ReadsWeight(read)
+    x = torch.randn(2, 4)
+    graph = DependencyGraph(model, x, tracer=tracer)
+    assert graph.traced_by == ("torch.fx" if tracer == "fx" else "torch.export")
+    # by hand: fc1's channels are pinned, the outputs' too: only g1's 5 channels remain
+    assert [g.producers for g in graph.groups] == [("g1",)] * 5
+    masks = graph.group_masks(0.4)
+    assert set(masks) == {"g1.weight", "g1.bias", "g2.weight"}
+    assert int(masks["g1.weight"].all(dim=1).sum()) == 3
+    Pruner(model, targets=list(masks)).set_masks(masks)
+    small = compact(model, x, masks=masks, tracer=tracer)
+    assert small.get_submodule("g1").weight.shape == (3, 4)
+    with torch.no_grad():
+        for a, b in zip(model(x), small(x), strict=True):
+            torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------ compressed checkpoints
@@ -542,16 +576,28 @@ def test_export_twice_gives_the_same_files_and_counts(tmp_path: Path) -> None:
     assert first["file_bytes"] == sizes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prunekit/_groups.py (not ours): DependencyGraph keys parameters by "
-    "model.named_parameters(), which drops the second name of a tied weight, so "
-    "group_masks / pruned raise KeyError('b.weight') from Group.slices instead of a "
-    "clear error",
-)
 def test_dependency_graph_refuses_tied_weights_clearly() -> None:
-    with pytest.raises(ValueError, match=r"tied|shared"):
-        DependencyGraph(TiedChain(), torch.randn(3, 4)).group_masks(0.5)
+    """(It raised KeyError('b.weight'): named_parameters() drops a tied weight's second
+    name.) A module registered under two names is one module, not a tie."""
+    model = TiedChain()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"a\.weight and b\.weight are one shared \(tied\)"):
+        DependencyGraph(model, torch.randn(3, 4)).group_masks(0.5)
+    with pytest.raises(ValueError, match=r"a\.weight and b\.weight are one shared \(tied\)"):
+        GroupPruner(model, torch.randn(3, 4))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.alias = self.a  # one module under two names
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(F.relu(self.alias(x)))
+
+    masks = DependencyGraph(Aliased(), torch.randn(3, 4)).group_masks(0.5)
+    assert int(masks["a.weight"].all(dim=1).sum()) == 3
 
 
 def test_a_damaged_compact_file_is_refused(tmp_path: Path) -> None:
