@@ -271,13 +271,24 @@ def datamodule(cfg: DictConfig, seed: int) -> pl.LightningDataModule:
     return dm
 
 
-def network(cfg: DictConfig) -> nn.Module:
-    """``cfg.model`` built for the data's ``input_shape`` and ``num_classes`` (the data
-    module is only constructed, not loaded, to read them); seed before calling."""
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """What ``cfg.model`` is built with: the data's ``num_classes`` and ``input_shape``
+    (the data module is only constructed, not loaded, to read them).
+
+    >>> from prunekit.experiments.config import ExperimentConfig
+    >>> model_kwargs(OmegaConf.structured(ExperimentConfig(name="demo")))
+    {'num_classes': 10, 'input_shape': (1, 28, 28)}
+    """
     with torch.random.fork_rng(devices=[]):  # a _target_ data module may draw numbers
         dm = datamodule_from_config(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed)
     input_shape, num_classes = data_shape(dm)
-    return build_model(cfg.model, num_classes=num_classes, input_shape=input_shape)
+    return {"num_classes": num_classes, "input_shape": input_shape}
+
+
+def network(cfg: DictConfig) -> nn.Module:
+    """``cfg.model`` built for the data's ``input_shape`` and ``num_classes``
+    (:func:`model_kwargs`); seed before calling."""
+    return build_model(cfg.model, **model_kwargs(cfg))
 
 
 def classifier(
