@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from prunekit.experiments import paths as P
-from prunekit.experiments.config import ConfigError
+from prunekit.experiments.config import ConfigError, ExperimentConfig
 from prunekit.experiments.data import load_fashion_mnist
 from prunekit.experiments.models import build_model
-from prunekit.experiments.training import evaluate
+from prunekit.experiments.training import evaluate, model_kwargs
 from torch import nn
 
 from prunekit import (
@@ -37,8 +37,10 @@ from prunekit import (
 
 COMPACT_FORMAT = "prunekit-compact"
 #: 2: with a CRC-32 of everything in the file (torch.load checks none: a damaged byte
-#: loaded as a wrong weight); files without a version (1) still load, unchecked
-COMPACT_VERSION = 2
+#: loaded as a wrong weight); files without a version (1) still load, unchecked.
+#: 3: also the keyword arguments the model was built with (``model_kwargs``: the run's
+#: num_classes and input_shape), covered by the CRC; 1 and 2 (built with none) still load
+COMPACT_VERSION = 3
 
 
 def _load(path: Path) -> Any:
@@ -48,17 +50,38 @@ def _load(path: Path) -> Any:
         raise ConfigError(f"{path} cannot be loaded (truncated or corrupt?): {e}") from None
 
 
-def _load_run(run: P.RunPaths) -> tuple[Any, nn.Module, dict[str, torch.Tensor]]:
+def _run_config(run: P.RunPaths) -> Any:
+    """The run's ``seed``, ``model`` and ``data`` (what its network is built from), on
+    the schema's defaults for those a hand-written config.yaml leaves out."""
     if not run.config.is_file():
         raise ConfigError(f"{run.root} is not a run folder (no {run.config.name})")
-    cfg = OmegaConf.load(run.config)
+    try:
+        saved = OmegaConf.load(run.config)
+        return OmegaConf.merge(
+            OmegaConf.structured(ExperimentConfig),
+            {k: saved[k] for k in ("name", "seed", "model", "data") if k in saved},
+        )
+    except Exception as e:  # not YAML, unknown data keys, values of another type...
+        raise ConfigError(f"{run.config}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _load_run(
+    run: P.RunPaths,
+) -> tuple[Any, dict[str, Any], nn.Module, dict[str, torch.Tensor]]:
+    """The run's config, the keyword arguments its model is built with, the network with
+    the final weights, and the masks."""
+    cfg = _run_config(run)
     for path in (run.final_weights, run.masks):
         if not path.is_file():
             raise ConfigError(
                 f"{path} does not exist: export reads a finished gradual run's "
                 f"{run.final_weights.name} and {run.masks.name}"
             )
-    net = build_model(cfg.model)
+    try:  # built as the runners build it (training.network)
+        kwargs = model_kwargs(cfg)
+        net = build_model(cfg.model, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build model={cfg.model!r} of {run.config}: {e}") from None
     try:
         net.load_state_dict(_load(run.final_weights))
     except RuntimeError as e:  # missing / unexpected keys, other shapes
@@ -68,7 +91,7 @@ def _load_run(run: P.RunPaths) -> tuple[Any, nn.Module, dict[str, torch.Tensor]]
         ) from None
     masks = _load(run.masks)
     _check_masks(run, net, masks)
-    return cfg, net.eval(), masks
+    return cfg, kwargs, net.eval(), masks
 
 
 def _check_masks(run: P.RunPaths, net: nn.Module, masks: Any) -> None:
@@ -135,14 +158,20 @@ def latencies(
 
 
 def save_compact(
-    path: Path, model_name: str, masks: dict[str, torch.Tensor], small: nn.Module
+    path: Path,
+    model_name: str,
+    masks: dict[str, torch.Tensor],
+    small: nn.Module,
+    kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Write a compacted model: its state_dict plus the packed masks that rebuild its
-    structure from ``build_model(model_name)`` (see :func:`load_compact`)."""
+    structure from ``build_model(model_name, **kwargs)`` (see :func:`load_compact`;
+    ``kwargs``: the run's ``training.model_kwargs``, ints and tuples of ints)."""
     saved = {
         "format": COMPACT_FORMAT,
         "version": COMPACT_VERSION,
         "model": model_name,
+        "model_kwargs": dict(kwargs or {}),
         "masks": {n: pack_mask(m) for n, m in masks.items()},
         "shapes": {n: list(m.shape) for n, m in masks.items()},
         "state_dict": {k: v.detach().cpu() for k, v in small.state_dict().items()},
@@ -152,9 +181,12 @@ def save_compact(
 
 
 def _compact_crc(saved: dict[str, Any]) -> int:
-    """CRC-32 of a compact file's model name, mask shapes and every tensor (names, dtypes,
-    shapes and bytes)."""
-    crc = zlib.crc32(json.dumps([saved["model"], saved["shapes"]], sort_keys=True).encode())
+    """CRC-32 of a compact file's model name, mask shapes, model keyword arguments
+    (version 3) and every tensor (names, dtypes, shapes and bytes)."""
+    head = [saved["model"], saved["shapes"]]
+    if saved.get("version") != 2:
+        head.append(saved["model_kwargs"])
+    crc = zlib.crc32(json.dumps(head, sort_keys=True).encode())
     for part in ("masks", "state_dict"):
         for name in sorted(saved[part]):
             t = saved[part][name].reshape(-1).contiguous()
@@ -171,8 +203,10 @@ def load_compact(path: Path, example_input: torch.Tensor) -> nn.Module:
     if not isinstance(saved, dict) or saved.get("format") != COMPACT_FORMAT:
         raise ConfigError(f"{path} is not a {COMPACT_FORMAT} file")
     version = saved.get("version", 1)
-    if version not in (1, COMPACT_VERSION):
-        raise ConfigError(f"{path}: {COMPACT_FORMAT} version={version!r}; this reads 1 and 2")
+    if version not in (1, 2, COMPACT_VERSION):
+        raise ConfigError(
+            f"{path}: {COMPACT_FORMAT} version={version!r}; this reads 1 to {COMPACT_VERSION}"
+        )
     if version >= 2:
         try:
             ok = saved.get("crc32") == _compact_crc(saved)
@@ -183,9 +217,23 @@ def load_compact(path: Path, example_input: torch.Tensor) -> nn.Module:
                 f"{path} is damaged: its CRC-32 does not match (changed or corrupted after "
                 "it was written)"
             )
-    masks = {n: unpack_mask(b, saved["shapes"][n]) for n, b in saved["masks"].items()}
-    small = compact(build_model(saved["model"]), example_input, masks=masks, complete=True)
-    small.load_state_dict(saved["state_dict"])
+    name, kwargs = saved.get("model"), saved.get("model_kwargs", {})
+    how = f"build_model({name!r}, **{kwargs!r})"
+    if version < 3:
+        how += f" (a version {version} file does not record the run's num_classes/input_shape)"
+    try:
+        net = build_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot rebuild its model, {how}: {e}") from None
+    try:
+        masks = {n: unpack_mask(b, saved["shapes"][n]) for n, b in saved["masks"].items()}
+        small = compact(net, example_input, masks=masks, complete=True)
+        small.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # other names or shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            f"{path}: cannot rebuild the compacted model from {how}: {type(e).__name__}: {first}"
+        ) from None
     return small.eval()
 
 
@@ -212,7 +260,7 @@ def export_run(
     if test_limit is not None and (not isinstance(test_limit, int) or test_limit < 1):
         raise ValueError(f"test_limit={test_limit!r} must be None or an int >= 1")
     run = P.RunPaths(Path(run_dir))
-    cfg, net, masks = _load_run(run)
+    cfg, kwargs, net, masks = _load_run(run)
     batches = _test_batches(cfg, test_limit)
     example = batches[0][0][:1]
     x = batches[0][0][:batch_size]
@@ -230,11 +278,11 @@ def export_run(
                 " with the biases, BatchNorm entries and next layers' inputs the masks left "
                 "live, so the outputs differ from the masked model's"
             )
-        save_compact(run.compact_model, cfg.model, graph.masks_for(pruned), small)
+        save_compact(run.compact_model, cfg.model, graph.masks_for(pruned), small, kwargs)
         after_model, after_file = load_compact(run.compact_model, example), run.compact_model
     else:
         P.save_torch(run.sparse_weights, compress_state_dict(net.state_dict()))
-        after_model = build_model(cfg.model).eval()
+        after_model = build_model(cfg.model, **kwargs).eval()
         after_model.load_state_dict(decompress_state_dict(_load(run.sparse_weights)))
         after_file = run.sparse_weights
         note = "weights stored as bitmask + kept values; inference runs dense"
