@@ -596,8 +596,15 @@ def test_dependency_graph_refuses_tied_weights_clearly() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.c(F.relu(self.alias(x)))
 
-    masks = DependencyGraph(Aliased(), torch.randn(3, 4)).group_masks(0.5)
+    torch.manual_seed(6)
+    aliased, x = Aliased(), torch.randn(3, 4)
+    masks = DependencyGraph(aliased, x).group_masks(0.5)
     assert int(masks["a.weight"].all(dim=1).sum()) == 3
+    small = compact(aliased, x, masks=masks)
+    assert small.get_submodule("a").weight.shape == (3, 4)
+    torch.testing.assert_close(
+        _outputs(small, x), _outputs(_masked_copy(aliased, masks), x), atol=ATOL, rtol=0
+    )
 
 
 def test_a_damaged_compact_file_is_refused(tmp_path: Path) -> None:
