@@ -40,9 +40,7 @@ def _help(default: Any, text: str) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = _help(
-        "fashion_mnist", "a registered dataset (`prunekit datasets` lists them)"
-    )
+    name: str = _help("fashion_mnist", "a registered dataset (`prunekit datasets` lists them)")
     root: str | None = _help(
         None, "folder of the dataset's files (null: the dataset's default folder)"
     )
@@ -313,9 +311,7 @@ def check_config(cfg: DictConfig) -> None:
         return
     if "pruning" in cfg:
         check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
-        check(
-            cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0"
-        )
+        check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0")
         check(cfg.dense.steps >= 0, "dense.steps", cfg.dense.steps, "must be >= 0")
         check(
             cfg.pruning.unit in ("step", "epoch"),
@@ -515,7 +511,9 @@ def _check_oneshot(cfg: DictConfig) -> None:
     for label, spec in variants.items():
         check("method" in spec, f"variants.{label}", spec, "needs a method")
         scope = spec.get("scope", cfg.scopes[0])
-        check(scope in cfg.scopes, f"variants.{label}.scope", scope, f"is not in {list(cfg.scopes)}")
+        check(
+            scope in cfg.scopes, f"variants.{label}.scope", scope, f"is not in {list(cfg.scopes)}"
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             data = OmegaConf.to_container(cfg.data, resolve=True)

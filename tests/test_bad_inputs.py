@@ -288,7 +288,12 @@ def resume_with(saved: dict[str, Any], **kwargs: Any) -> Prepare:
 
     def prepare(ctx: Ctx) -> Callable[[], object]:
         folder = ctx.root / "ckpt"
-        fit = trainer(max_steps=2, callbacks=[*_prunings(saved), ModelCheckpoint(folder, filename="last")], enable_checkpointing=True, default_root_dir=folder)
+        fit = trainer(
+            max_steps=2,
+            callbacks=[*_prunings(saved), ModelCheckpoint(folder, filename="last")],
+            enable_checkpointing=True,
+            default_root_dir=folder,
+        )
         fit.fit(TinyNet(), loader())
         ctx.model = TinyNet()
         fit = trainer(max_steps=4, callbacks=_prunings(kwargs), default_root_dir=ctx.out)
@@ -319,7 +324,10 @@ def pair_target(module: Callable[[TinyNet], nn.Module], pname: str) -> Prepare:
 
 def two_on_one_weight(ctx: Ctx) -> Callable[[], object]:
     ctx.model = TinyNet()
-    both = [Pruning(Constant(0.5), name="a"), Pruning(Constant(0.2), targets="net.2.weight", name="b")]
+    both = [
+        Pruning(Constant(0.5), name="a"),
+        Pruning(Constant(0.2), targets="net.2.weight", name="b"),
+    ]
     fit = trainer(max_steps=2, callbacks=both, default_root_dir=ctx.out)
     return lambda: fit.fit(ctx.model, loader())
 
@@ -332,14 +340,25 @@ def rewind_other(ctx: Ctx) -> Callable[[], object]:
 
 def no_validation(ctx: Ctx) -> Callable[[], object]:
     ctx.model = TinyNet()
-    fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[Pruning(Constant(0.5), after_validation=True)], default_root_dir=ctx.out)
+    fit = trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        callbacks=[Pruning(Constant(0.5), after_validation=True)],
+        default_root_dir=ctx.out,
+    )
     return lambda: fit.fit(ctx.model, loader(), loader(length=2))
 
 
 def two_unnamed(ctx: Ctx) -> Callable[[], object]:
     ctx.model = TinyNet()
-    fit = trainer(max_steps=2, callbacks=[Pruning(Constant(0.5), targets="net.0.weight")], default_root_dir=ctx.out)
-    fit.callbacks.append(Pruning(Constant(0.5), targets="net.2.weight"))  # after the Trainer's own check
+    fit = trainer(
+        max_steps=2,
+        callbacks=[Pruning(Constant(0.5), targets="net.0.weight")],
+        default_root_dir=ctx.out,
+    )
+    fit.callbacks.append(
+        Pruning(Constant(0.5), targets="net.2.weight")
+    )  # after the Trainer's own check
     return lambda: fit.fit(ctx.model, loader())
 
 
@@ -473,7 +492,9 @@ def earlier_run(command: str, make: Callable[[Path], object], *overrides: str) -
     the damaged or foreign files."""
 
     def prepare(ctx: Ctx) -> Callable[[], object]:
-        schema, path = (GradualConfig, QUICK) if command == "run" else (LotteryConfig, QUICK_LOTTERY)
+        schema, path = (
+            (GradualConfig, QUICK) if command == "run" else (LotteryConfig, QUICK_LOTTERY)
+        )
         cfg = load_config(schema, path, [f"out_dir={ctx.out}", *overrides])
         paths = RunPaths.for_config(cfg)
         paths.root.mkdir(parents=True)
@@ -513,7 +534,9 @@ def finished_round(root: Path) -> None:
     (root / "round_00").mkdir()
     (root / "round_00" / "lottery.json").write_text('{"round": 0, "variant": "lottery"}')
     weights = build_model("lenet_300_100").state_dict()
-    masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in weights.items() if k.endswith("weight")}
+    masks = {
+        k: torch.ones_like(v, dtype=torch.bool) for k, v in weights.items() if k.endswith("weight")
+    }
     torch.save({"masks": masks, "weights": weights}, root / "round_00" / "lottery.pt")
 
 
@@ -551,7 +574,9 @@ def disk_full(ctx: Ctx) -> Callable[[], object]:
 
 def torch_save_fails(ctx: Ctx) -> Callable[[], object]:
     def full(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("[enforce fail at inline_container.cc:626] basic_ios::clear: iostream error")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] basic_ios::clear: iostream error"
+        )
 
     def call() -> None:
         with mock.patch.object(torch, "save", full):

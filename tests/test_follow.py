@@ -562,7 +562,6 @@ def test_attach_unwraps_an_optimizer_wrapper() -> None:
     assert_pruned_zero(pruner)
 
 
-
 class HooklessOptimizerWrapper(torch.optim.Optimizer):
     """Like accelerate's AcceleratedOptimizer: an Optimizer subclass that never calls
     Optimizer.__init__, so it has no step hooks of its own."""
@@ -591,6 +590,7 @@ def test_attach_unwraps_an_optimizer_subclass_without_step_hooks() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         wrapper.step()
     assert_pruned_zero(pruner)
+
 
 # ------------------------------- issue 11 item 4: built before fully_shard
 FSDP_SCRIPT = """
