@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from prunekit.experiments import cli
-from prunekit.experiments.data import DEFAULT_DATA_DIR
 from prunekit.experiments.models import build_model
 from torch import nn
 
@@ -31,6 +29,7 @@ from prunekit import (
     load_sparse,
     save_sparse,
 )
+from tests.test_export import _run_folder
 
 ATOL = 1e-5
 
@@ -502,20 +501,6 @@ def test_version_2_checkpoints_still_load() -> None:
 
 # ------------------------------------------------------------------ prunekit export
 EXAMPLE = torch.zeros(1, 1, 28, 28)
-
-
-def _run_folder(root: Path) -> nn.Module:
-    torch.manual_seed(0)
-    net = build_model("lenet_300_100").eval()
-    graph = DependencyGraph(net, EXAMPLE)
-    masks = graph.group_masks(0.5)
-    Pruner(net, targets=graph.param_names).set_masks(masks)
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = {"name": "t", "model": "lenet_300_100", "data": {"root": DEFAULT_DATA_DIR}}
-    OmegaConf.save(OmegaConf.create(cfg), root / "config.yaml")
-    torch.save(net.state_dict(), root / "final.pt")
-    torch.save(masks, root / "masks.pt")
-    return net
 
 
 ARGS = ["--repeats", "1", "--test-limit", "100"]
