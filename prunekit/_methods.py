@@ -296,7 +296,10 @@ def _check_activation(t: Tensor, options: Mapping[str, Any], where: str) -> None
 def _activation_score(weight: Tensor, stats: TargetStats, *, criterion: str = "apoz") -> Tensor:
     assert stats.out_abs is not None and stats.out_pos is not None
     total = stats.out_abs if criterion == "mean_abs" else stats.out_pos
-    return (total / max(stats.positions, 1)).to(torch.float32)
+    score = (total / max(stats.positions, 1)).to(torch.float32)
+    # a NaN output is not > 0, so APoZ alone would count it as a zero: a channel whose
+    # outputs were NaN or inf gets a non-finite score, which prune_to refuses (naming it)
+    return torch.where(torch.isfinite(stats.out_abs), score, torch.nan)
 
 
 def activity(y: Tensor, *, criterion: str = "apoz", channel_dim: int = 1) -> Tensor:

@@ -851,6 +851,7 @@ class Pruner:
         ``loss_fn(output, batch) -> scalar loss``, whose backward is run per batch. The
         model's ``.grad`` are left as they were found, no optimizer steps. Statistics add up
         with those collected since the last update; :meth:`prune_to` uses and resets them.
+        If a batch, the model or ``loss_fn`` raises, the statistics are left as they were.
         A Pruner whose methods need no statistics returns 0 without reading ``batches``.
 
         >>> model = nn.Sequential(nn.Linear(4, 3))
@@ -885,6 +886,7 @@ class Pruner:
         params = list(self.model.parameters())
         found = [p.grad for p in params]
         count = 0
+        saved = self._stats.snapshot()  # an error part-way adds nothing
         self._stats.calibrating = True
         try:
             for batch in batches:
@@ -908,6 +910,9 @@ class Pruner:
                     with torch.no_grad():
                         _feed(self.model, batch)
                 count += 1
+        except BaseException:
+            self._stats.restore(saved)
+            raise
         finally:
             self._stats.calibrating = False
             for p, g in zip(params, found, strict=True):

@@ -173,6 +173,7 @@ class Statistics:
         self, model: nn.Module, needs: Mapping[str, tuple[str, Tensor, Iterable[str]]]
     ) -> None:
         """``needs``: target name -> (method name, parameter, statistics it needs)."""
+        self.model = model
         self.sites: dict[str, _Site] = {}
         self.methods: dict[str, str] = {}
         for name, (method, param, stats) in needs.items():
@@ -195,7 +196,7 @@ class Statistics:
                 )
             self.sites[name] = _Site(name, param, module, wanted)
             self.methods[name] = method
-        self.handles: list[RemovableHandle] = []
+        self.handles: dict[str, list[RemovableHandle]] = {}  # forward hooks per target
         self.grad_handles: dict[str, tuple[Tensor, RemovableHandle]] = {}
         self.calibrating = False
 
@@ -212,18 +213,27 @@ class Statistics:
         for name, site in self.sites.items():
             site.param = params[name]
             site.ensure()
-        if not self.handles:
-            for site in self.sites.values():
-                if site.module is None:
-                    continue
-                if "inputs" in site.needs:
-                    self.handles.append(
-                        site.module.register_forward_pre_hook(
-                            self._input_hook(site), with_kwargs=True
-                        )
-                    )
-                if "outputs" in site.needs:
-                    self.handles.append(site.module.register_forward_hook(self._output_hook(site)))
+            if site.module is not None and getattr(site.module, "weight", None) is not site.param:
+                # the module itself was replaced (``model.fc = nn.Linear(...)``): observe the
+                # new one (its old one's hooks would never see the new module's forwards)
+                try:
+                    module = owner(self.model, name, site.param, site.needs)
+                except NotImplementedError as e:
+                    raise NotImplementedError(f"method={self.methods[name]!r}: {e}") from None
+                for handle in self.handles.pop(name, []):
+                    handle.remove()
+                site.module = module
+        for name, site in self.sites.items():
+            if site.module is None or name in self.handles:
+                continue
+            handles = []
+            if "inputs" in site.needs:
+                handles.append(
+                    site.module.register_forward_pre_hook(self._input_hook(site), with_kwargs=True)
+                )
+            if "outputs" in site.needs:
+                handles.append(site.module.register_forward_hook(self._output_hook(site)))
+            self.handles[name] = handles
         for name, site in self.sites.items():
             if "grads" not in site.needs:
                 continue
@@ -240,11 +250,12 @@ class Statistics:
                 )
 
     def unhook(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for handles in self.handles.values():
+            for handle in handles:
+                handle.remove()
         for _, handle in self.grad_handles.values():
             handle.remove()
-        self.handles, self.grad_handles = [], {}
+        self.handles, self.grad_handles = {}, {}
 
     def strip_copies(self, memo: Mapping[int, Any]) -> None:
         """Remove this collector's forward hooks from deep copies of the hooked modules
@@ -255,8 +266,9 @@ class Statistics:
             if copied is None or copied is site.module:
                 continue
             for hooks in (copied._forward_pre_hooks, copied._forward_hooks):
-                for handle in self.handles:
-                    hooks.pop(handle.id, None)
+                for handles in self.handles.values():
+                    for handle in handles:
+                        hooks.pop(handle.id, None)
 
     def _counts(self, module: nn.Module) -> bool:
         return self.calibrating or module.training
@@ -359,6 +371,20 @@ class Statistics:
         if "grads" in needs and stats.backwards == 0:
             return "gradients (no backward pass reached it)"
         return None
+
+    def snapshot(self) -> dict[str, tuple[dict[str, Tensor], dict[str, int]]]:
+        """A copy of every target's buffers and counts, for :meth:`restore`."""
+        return {
+            name: ({k: v.clone() for k, v in site.values.items()}, dict(site.counts))
+            for name, site in self.sites.items()
+        }
+
+    def restore(self, saved: Mapping[str, tuple[dict[str, Tensor], dict[str, int]]]) -> None:
+        """Put back what :meth:`snapshot` copied (a failed calibration adds nothing)."""
+        for name, (values, counts) in saved.items():
+            site = self.sites[name]
+            site.values = {k: v.to(site.param.device) for k, v in values.items()}
+            site.counts = dict(counts)
 
     def reset(self, names: Iterable[str]) -> None:
         for name in names:

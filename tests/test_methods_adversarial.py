@@ -1,0 +1,218 @@
+"""Adversarial tests of the data-aware methods (wanda, taylor, movement, snip, activation)
+and of the statistics behind them: replaced modules, failing calibrations, non-finite
+activations, shared layers, grouped / dilated convolutions, odd batches and dtypes.
+
+Every expected value is computed here from the formulas (sums of squared inputs, counts
+of positive outputs, ``|W| * norm`` ranked by brute force), never by the code under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit import Pruner
+
+
+def _stats(pruner: Pruner, name: str) -> dict:
+    return pruner.state_dict()["stats"]["targets"][name]
+
+
+def _lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Brute force: keep all but the k lowest scores (ties by position)."""
+    flat = scores.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda i: (flat[i], i))
+    keep = torch.ones(len(flat), dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.view(scores.shape)
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+# ------------------------------------------------------------ replaced modules
+def test_wanda_follows_a_replaced_module_in_calibrate() -> None:
+    model = _mlp()
+    pruner = Pruner(model, method="wanda", scope="layer")
+    model[0] = nn.Linear(4, 3)  # a new module, a new weight of the same shape
+    x = torch.tensor([[1.0, 0.0, 2.0, 0.0], [3.0, 1.0, 0.0, 0.0]])
+    pruner.calibrate([x])
+    squares = [10.0, 1.0, 4.0, 0.0]  # column sums of squares, by hand
+    got = _stats(pruner, "0.weight")
+    assert got["counts"]["rows"] == 2
+    assert got["values"]["inputs_sq"].tolist() == squares
+    norms = torch.tensor(squares).sqrt()
+    w = model[0].weight.detach().clone()
+    pruner.prune_to({"0.weight": 6})
+    assert torch.equal(model[0].weight != 0, _lowest_mask(w.abs() * norms, 6))
+
+
+def test_attached_stats_follow_a_replaced_module() -> None:
+    model = _mlp()
+    pruner = Pruner(model, method="wanda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner.attach(opt)
+    x1 = torch.ones(2, 4)
+    model(x1).sum().backward()
+    opt.step()
+    model[0] = nn.Linear(4, 3)
+    x2 = torch.tensor([[0.0, 5.0, 0.0, 1.0]])
+    pruner.calibrate([x2])  # the Pruner follows the model here: the new module is observed
+    model(x2).sum().backward()  # and in training afterwards
+    got = _stats(pruner, "0.weight")
+    assert got["counts"]["rows"] == 4
+    expected = torch.tensor([2.0, 2 + 2 * 25.0, 2.0, 2 + 2 * 1.0], dtype=torch.float64)
+    assert torch.equal(got["values"]["inputs_sq"], expected)
+
+
+def test_activation_follows_a_replaced_module() -> None:
+    model = _mlp()
+    pruner = Pruner(model, method="activation", scope="layer", targets=["0.weight"])
+    model[0] = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    x = torch.tensor([[1.0, 1.0, 0, 0], [2.0, -1.0, 0, 0], [1.0, 1.0, 0, 0]])
+    pruner.calibrate([x])
+    # outputs: channel 0 = x0 > 0 3/3, channel 1 = -x0 > 0 0/3, channel 2 = x1 > 0 2/3
+    got = _stats(pruner, "0.weight")
+    assert got["values"]["out_pos"].tolist() == [3.0, 0.0, 2.0]
+    pruner.prune_to({"0.weight": 1})
+    assert (model[0].weight != 0).any(1).tolist() == [True, False, True]
+
+
+# --------------------------------------------------------- failing calibration
+def test_calibrate_that_fails_part_way_adds_nothing() -> None:
+    model = _mlp()
+    pruner = Pruner(model, targets={"0.weight": "wanda", "2.weight": "taylor"}, scope="layer")
+    before = pruner.state_dict()["stats"]
+
+    def batches():
+        yield torch.randn(5, 4)
+        raise RuntimeError("the data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        pruner.calibrate(batches(), loss_fn=lambda out, batch: out.sum())
+    with pytest.raises(ValueError, match="scalar"):  # forward ran (wanda's rows) before this
+        pruner.calibrate([torch.randn(5, 4)], loss_fn=lambda out, batch: out)
+    after = pruner.state_dict()["stats"]
+    for name in ("0.weight", "2.weight"):
+        assert after["targets"][name]["counts"] == before["targets"][name]["counts"]
+        for key, value in before["targets"][name]["values"].items():
+            assert torch.equal(after["targets"][name]["values"][key], value)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------ non-finite data
+def test_apoz_refuses_nan_activations() -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    pruner = Pruner(model, method="activation")  # apoz: a NaN output is not "> 0"
+    x = torch.randn(5, 4)
+    x[0, 0] = float("nan")
+    pruner.calibrate([x])
+    w = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"method='activation'.*0\.weight.*NaN or inf"):
+        pruner.prune_to(1)
+    assert torch.equal(model[0].weight, w)
+    assert bool(pruner.masks["0.weight"].all())
+
+
+@pytest.mark.parametrize("method", ["wanda", "taylor", "activation"])
+def test_inf_activations_are_refused(method: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    pruner = Pruner(model, method=method, scope="layer")
+    x = torch.randn(5, 4)
+    x[1, 2] = float("inf")
+    pruner.calibrate([x], loss_fn=lambda out, batch: out.sum())
+    with pytest.raises(ValueError, match=f"method='{method}'"):
+        pruner.prune_to(1 if method == "activation" else 0.5)
+    assert all(bool(m.all()) for m in pruner.masks.values())
+
+
+# -------------------------------------------------------------- shapes of use
+def test_shared_linear_called_twice_sums_both_inputs() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3, bias=False)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(torch.relu(self.layer(x)))
+
+    model = Twice()
+    pruner = Pruner(model, method="wanda")
+    x = torch.randn(4, 3)
+    pruner.calibrate([x])
+    with torch.no_grad():
+        h = torch.relu(layer(x))
+    got = _stats(pruner, "layer.weight")
+    assert got["counts"]["rows"] == 8
+    expected = (x.double().square().sum(0) + h.double().square().sum(0)).float().double()
+    torch.testing.assert_close(got["values"]["inputs_sq"], expected, rtol=1e-6, atol=0)
+
+
+def test_wanda_grouped_dilated_conv_norms_by_hand() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=1, bias=False)
+    pruner = Pruner(nn.Sequential(conv), method="wanda", scope="layer")
+    x = torch.randn(2, 4, 7, 7)
+    pruner.calibrate([x[:1], x[1:]])  # batches of one
+    norms = [float(x[:, c].double().square().sum().sqrt()) for c in range(4)]
+    w = conv.weight.detach().clone()
+    # output channel o belongs to group o // 3; its input channel i is channel 2 * group + i
+    scores = torch.empty_like(w)
+    for o in range(6):
+        for i in range(2):
+            scores[o, i] = w[o, i].abs() * norms[2 * (o // 3) + i]
+    pruner.prune_to(0.5)
+    assert torch.equal(conv.weight != 0, _lowest_mask(scores, round(0.5 * w.numel())))
+
+
+def test_dict_tuple_and_ragged_batches() -> None:
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: object = None) -> torch.Tensor:
+            return self.fc(input_ids)
+
+    model = Keyword()
+    pruner = Pruner(model, method="wanda")
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    n = pruner.calibrate(
+        iter([{"input_ids": a, "attention_mask": None}, (b, torch.zeros(3)), torch.ones(2, 2)])
+    )
+    assert n == 3
+    got = _stats(pruner, "fc.weight")
+    assert got["counts"]["rows"] == 6
+    assert got["values"]["inputs_sq"].tolist() == [1 + 9 + 1 + 2, 4 + 0 + 1 + 4 + 2]
+
+
+def test_taylor_target_without_gradient_is_refused_before_any_change() -> None:
+    model = _mlp()
+    model[2].weight.requires_grad_(False)
+    pruner = Pruner(model, method="taylor")
+    pruner.calibrate([torch.randn(3, 4)], loss_fn=lambda out, batch: out.sum())
+    with pytest.raises(RuntimeError, match=r"method='taylor' ranks 2\.weight by its gradients"):
+        pruner.prune_to(0.5)
+    assert all(bool(m.all()) for m in pruner.masks.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_taylor_scores_in_other_dtypes(dtype: torch.dtype) -> None:
+    model = _mlp().to(dtype)
+    pruner = Pruner(model, method="taylor", scope="layer")
+    x = torch.randn(6, 4, dtype=dtype)
+    model(x).float().square().sum().backward()  # the reference gradient, by autograd
+    w = model[0].weight.detach().clone()
+    expected = (w.double() * model[0].weight.grad.double()).abs()
+    model.zero_grad(set_to_none=True)
+    pruner.calibrate([x], loss_fn=lambda out, batch: out.float().square().sum())
+    pruner.prune_to({"0.weight": 6})
+    assert torch.equal(model[0].weight != 0, _lowest_mask(expected, 6))
