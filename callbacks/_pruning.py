@@ -357,11 +357,7 @@ class Pruning(Callback):
                 "structure='groups' traces the module and needs an example input: pass "
                 f"Pruning(..., example_input=...) or set {type(pl_module).__name__}.example_input_array"
             )
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        if isinstance(example, torch.Tensor):
-            example = example.to(device)
-        elif isinstance(example, list | tuple):
-            example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
+        example = _like_module(example, pl_module)
         options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
         return GroupPruner(
             pl_module,
@@ -687,6 +683,27 @@ def _check_structure(
         raise ValueError(
             f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
         )
+
+
+def _like_module(example: Any, pl_module: nn.Module) -> Any:
+    """``example`` (a tensor or a tuple) on the module's device, its floating-point tensors
+    in the module's floating-point dtype (the trainer may have converted the module, e.g.
+    ``precision="bf16-true"``); integer tensors (token ids) keep theirs. A new object:
+    the user's ``example_input`` is not changed."""
+    params = list(pl_module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    if isinstance(example, list | tuple):
+        return tuple(move(t) for t in example)
+    return move(example)
 
 
 def follow_optimizers(

@@ -251,6 +251,15 @@ class DependencyGraph:
         try:
             with torch.no_grad():
                 ShapeProp(self.gm).propagate(*inputs)
+        except RuntimeError as e:  # ShapeProp wraps what the model raised
+            given = ", ".join(
+                f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                for t in inputs
+            )
+            raise ValueError(
+                f"example_input ({given}) does not run through {type(model).__name__}: "
+                f"{_first_line(e.__cause__ or e)}"
+            ) from e
         finally:
             model.train(was_training)
         for node in self.gm.graph.nodes:
