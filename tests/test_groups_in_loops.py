@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from prunekit.callbacks import Pruning
 from prunekit.schedules import Polynomial
+from torch import nn
 
+from prunekit import compact
 from tests.lit_helpers import TinyNet, loader, trainer
 
 SCHEDULE = Polynomial(0.0, 0.5, begin=0, end=4, frequency=2)
@@ -59,3 +63,108 @@ def test_an_example_input_the_model_cannot_run_is_named_before_anything_changes(
         trainer(max_steps=6, callbacks=[pruning]).fit(model, loader())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------- BatchNorm, momentum, weight decay
+class ConvBN(pl.LightningModule):
+    """conv(3->8)+BN+ReLU, conv(8->6, bias)+BN+ReLU, pool, fc; trained in train mode."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+        self.optimizer = optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(batch_idx)
+        x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
+        return torch.optim.SGD(
+            self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_batchnorm_in_train_mode_momentum_and_weight_decay_keep_masked_equal_compacted(
+    optimizer: str,
+) -> None:
+    model = ConvBN(optimizer)
+    example = torch.zeros(1, 3, 6, 6)
+    pruning = Pruning(SCHEDULE, structure="groups", example_input=example, scope="layer")
+    # pruned at steps 2 and 4, then 6 more optimizer steps with momentum / Adam state
+    trainer(max_steps=10, callbacks=[pruning]).fit(model, loader())
+    for conv, bn, nxt, n in (("conv1", "bn1", "conv2", 8), ("conv2", "bn2", "fc", 6)):
+        c, b = model.get_submodule(conv), model.get_submodule(bn)
+        dead = ~c.weight.detach().flatten(1).any(dim=1)
+        assert int(dead.sum()) == n // 2  # half of each layer's channels, from the weights
+        assert not b.weight.detach()[dead].any() and not b.bias.detach()[dead].any()
+        if c.bias is not None:
+            assert not c.bias.detach()[dead].any()
+        w = model.get_submodule(nxt).weight.detach()
+        assert not w[:, dead].any()
+        assert b.running_var[dead].min() > 0  # the running stats moved: not what keeps it zero
+    x = torch.randn(4, 3, 6, 6)
+    small = compact(model, example, pruner=pruning.pruner)
+    assert small.conv1.out_channels == 4 and small.conv2.out_channels == 3
+    for train in (False, True):  # running stats (eval) and batch stats (train)
+        model.train(train)
+        small.train(train)
+        with torch.no_grad():
+            assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
+# ------------------------------------------------------------ accumulation, groups
+def test_an_update_in_the_middle_of_gradient_accumulation_keeps_every_member_zero() -> None:
+    # updates at optimizer steps 1, 2, 3 fall between the 3 batches of one accumulation
+    model = TinyNet("sgd")
+    pruning = Pruning(
+        Polynomial(0.0, 0.5, begin=0, end=3, frequency=1),
+        structure="groups",
+        example_input=EXAMPLE,
+        scope="layer",
+    )
+    trainer(max_steps=6, callbacks=[pruning], accumulate_grad_batches=3).fit(model, loader(160))
+    assert dead_units(model) == [16, 8]
+
+
+class HeadLater(TinyNet):
+    """The optimizer starts without the last layer (as under BackboneFinetuning)."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            [*self.net[0].parameters(), *self.net[2].parameters()],
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.1,
+        )
+
+
+class AddGroup(Callback):
+    """After the first update (step 2), the last layer joins the optimizer."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, b: Any, i: int) -> None:
+        optimizer = trainer.optimizers[0]
+        if trainer.global_step == 3 and len(optimizer.param_groups) == 1:
+            optimizer.add_param_group({"params": list(pl_module.net[4].parameters())})
+
+
+def test_members_in_a_param_group_added_mid_training_stay_zero() -> None:
+    model = HeadLater()
+    pruning = groups()
+    trainer(max_steps=10, callbacks=[pruning, AddGroup()]).fit(model, loader())
+    assert len(pruning.pruner.optimizers[0].param_groups) == 2
+    assert dead_units(model) == [16, 8]  # net.4's columns of the pruned units: zero
+    assert model.net[4].weight.detach().count_nonzero() == 3 * 8  # and it trained the rest
