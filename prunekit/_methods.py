@@ -101,8 +101,11 @@ def wanda_mask(
 ) -> Tensor:
     """Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language
     Models"): prune the lowest ``S_ij = |W_ij| * ||X_j||_2``, where ``||X_j||_2`` is the
-    norm of input feature ``j`` over every token / sample / position seen (for a Conv:
-    the input channel's norm, the same over the kernel).
+    norm of input feature ``j`` over every token / sample seen (for a Conv, ``j`` is an
+    input channel and kernel position: the norm of that column of the unfolded (im2col)
+    input over every sample and output position, with the conv's padding, stride and
+    dilation; by hand, pass ``input_norm`` of shape ``(in_channels / groups, *kernel)``
+    or per input channel ``(in_channels,)`` to broadcast).
 
     ``per_output=True`` compares entries within each output row (the paper's choice: every
     row loses ``round(amount * row_size)``); the default ranks all entries of the tensor
@@ -362,7 +365,7 @@ register_method("wanda")(
         fed=("input_norm",),
         check=_check_wanda,
         per_row=lambda options: bool(options.get("per_output", False)),
-        memory="one float64 per input feature (input channel for a Conv)",
+        memory="one float64 per input feature (input channel x kernel position for a Conv)",
     )
 )
 register_method("taylor")(

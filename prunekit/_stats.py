@@ -5,10 +5,14 @@ targets' methods need, and only while hooked (attached to an optimizer, or insid
 :meth:`Pruner.calibrate`): a Pruner whose methods need none installs nothing.
 
 ``inputs``
-    Per input feature ``j`` of a Linear (per input channel of a Conv), the sum of squares
-    ``sum x_j**2`` over every row (token, sample, spatial position) of the module's
-    input, so ``||X_j||_2 = sqrt(sum)``; a forward pre-hook on the module. One float64 per
-    input feature.
+    Per input feature ``j`` of a Linear, the sum of squares ``sum x_j**2`` over every row
+    (token, sample) of the module's input, so ``||X_j||_2 = sqrt(sum)``; a forward
+    pre-hook on the module. One float64 per input feature. For a Conv, ``j`` is an
+    (input channel, kernel position) pair, a column of the unfolded (im2col) input that the
+    weight entry multiplies: the sum runs over every sample and output position, with the
+    conv's padding (zero or its ``padding_mode``), stride and dilation, so border and
+    strided positions count as often as the weight sees them. One float64 per input
+    channel and kernel position (the weight's size divided by ``out_channels / groups``).
 ``grads``
     ``G = sum_b W_b * g_b`` per weight: the sum over every backward pass ``b`` that
     reaches the weight of the weight's value at that backward times the gradient that
@@ -38,6 +42,8 @@ across ranks (all-reduce) before ranking, so masks are identical on every rank.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +64,8 @@ _STATE_FORMAT = 1
 class TargetStats:
     """One target's statistics, summed across ranks: what a method's ``score`` reads.
 
-    ``input_norm`` is ``||X_j||_2`` shaped to broadcast against the weight (a Conv's
-    input-channel norms over its kernel); ``grads`` is ``sum W * g`` (weight shape);
+    ``input_norm`` is ``||X_j||_2`` shaped to broadcast against the weight (for a Conv one
+    per input channel and kernel position, the im2col column norms); ``grads`` is ``sum W * g`` (weight shape);
     ``out_abs`` / ``out_pos`` are per output channel sums of ``|y|`` / counts of ``y > 0``
     over ``positions`` output positions. ``rows`` input rows and ``backwards`` backward
     passes were seen.
@@ -98,11 +104,11 @@ class _Site:
         if "inputs" in self.needs:
             assert self.module is not None
             width = (
-                self.module.in_channels
+                (self.module.in_channels, *self.module.kernel_size)
                 if isinstance(self.module, _CONVS)
-                else self.param.shape[_in_dim(self.module)]
+                else (self.param.shape[_in_dim(self.module)],)
             )
-            out["inputs_sq"] = ((width,), torch.float64)
+            out["inputs_sq"] = (tuple(width), torch.float64)
         if "grads" in self.needs:
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             out["grads"] = (tuple(p.shape), dtype)
@@ -286,9 +292,7 @@ class Statistics:
                     flat = x.reshape(-1, x.shape[-1]).float()
                     sq, rows = flat.square().sum(0), flat.shape[0]
                 else:
-                    channel = 1 if x.ndim == module.weight.ndim else 0
-                    moved = x.movedim(channel, 0).reshape(x.shape[channel], -1).float()
-                    sq, rows = moved.square().sum(1), moved.shape[1]
+                    sq, rows = _conv_column_squares(module, x)
                 site.values["inputs_sq"] += sq.to(torch.float64)
                 site.counts["rows"] += rows
 
@@ -461,7 +465,19 @@ class Statistics:
                     or not v.is_floating_point()
                     or tuple(v.shape) != shape
                 ):
-                    raise ValueError(f"{where}[{key!r}] must be a float tensor of shape {shape}")
+                    older = (
+                        " (saved by a prunekit that kept one norm per input channel of a Conv; "
+                        "Wanda now uses one per input channel and kernel position: calibrate "
+                        "again)"
+                        if key == "inputs_sq"
+                        and isinstance(v, Tensor)
+                        and len(shape) > 1
+                        and tuple(v.shape) == shape[:1]
+                        else ""
+                    )
+                    raise ValueError(
+                        f"{where}[{key!r}] must be a float tensor of shape {shape}{older}"
+                    )
                 if not bool(torch.isfinite(v).all()):
                     raise ValueError(f"{where}[{key!r}] holds NaN or inf values")
             counts = entry["counts"]
@@ -492,6 +508,36 @@ class Statistics:
             site.counts = dict(entry["counts"]) if keep else dict.fromkeys(site.counts, 0)
 
 
+def _conv_column_squares(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """``sum x_col**2`` per (input channel, kernel position) of a Conv's input ``x``: the
+    columns of the unfolded (im2col) input that the weight multiplies, over every sample
+    and output position, with the conv's padding (zeros or its ``padding_mode``), stride
+    and dilation; and the number of rows (samples x output positions)."""
+    spatial = module.weight.ndim - 2
+    sq = x.float().square()
+    if x.ndim == spatial + 2:  # batched: sum the samples first (the sums are linear)
+        samples, sq = x.shape[0], sq.sum(0)
+    else:
+        samples = 1
+    # reflect / replicate / circular padding copy values, so padding x**2 = (padded x)**2
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    sq = nn.functional.pad(sq, module._reversed_padding_repeated_twice, mode=mode)
+    sizes = [
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, s, d in zip(
+            sq.shape[1:], module.kernel_size, module.stride, module.dilation, strict=True
+        )
+    ]
+    out = sq.new_zeros((sq.shape[0], *module.kernel_size))
+    if min(sizes) <= 0:
+        return out, 0
+    for position in itertools.product(*(range(k) for k in module.kernel_size)):
+        steps = zip(position, module.dilation, module.stride, sizes, strict=True)
+        window = (slice(None), *(slice(i * d, i * d + s * (n - 1) + 1, s) for i, d, s, n in steps))
+        out[(slice(None), *position)] = sq[window].reshape(sq.shape[0], -1).sum(1)
+    return out, samples * math.prod(sizes)
+
+
 def _broadcast_norm(site: _Site, norm: Tensor) -> Tensor:
     """Per-input-feature norms shaped to broadcast against the weight."""
     module, weight = site.module, site.param
@@ -499,12 +545,12 @@ def _broadcast_norm(site: _Site, norm: Tensor) -> Tensor:
     if _is_matrix(module):
         return norm.view(-1, 1) if _in_dim(module) == 0 else norm.view(1, -1)
     groups = module.groups
-    tail = [1] * (weight.ndim - 2)
+    kernel = tuple(weight.shape[2:])
     if groups == 1:
-        return norm.view(1, -1, *tail)
-    per_group = norm.view(groups, -1)  # input channels of each group
+        return norm.view(1, -1, *kernel)
+    per_group = norm.view(groups, -1, *kernel)  # input channels of each group
     rows = per_group.repeat_interleave(weight.shape[0] // groups, dim=0)  # per output row
-    return rows.view(weight.shape[0], -1, *tail)
+    return rows.view(weight.shape[0], -1, *kernel)
 
 
 def nonfinite(t: Tensor | None) -> bool:

@@ -152,11 +152,12 @@ def test_wanda_per_output_prunes_the_same_count_in_every_row() -> None:
         Pruner(mlp(), method="wanda", per_output=True)  # scope="global" by default
 
 
-def test_wanda_conv_uses_input_channel_norms_over_the_kernel_with_groups() -> None:
+def test_wanda_conv_uses_im2col_norms_with_groups() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, groups=2)
     x = torch.randn(2, 4, 5, 5) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(1, 4, 1, 1)
-    channel = x.square().sum(dim=(0, 2, 3)).sqrt()  # one norm per input channel
+    # one norm per input channel and kernel position: the unfolded input's columns
+    channel = nn.functional.unfold(x.double(), 3).square().sum(dim=(0, 2)).sqrt().view(4, 3, 3)
     w = conv.weight.detach()
     score = torch.empty_like(w)
     for o in range(6):

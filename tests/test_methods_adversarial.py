@@ -156,23 +156,6 @@ def test_shared_linear_called_twice_sums_both_inputs() -> None:
     torch.testing.assert_close(got["values"]["inputs_sq"], expected, rtol=1e-6, atol=0)
 
 
-def test_wanda_grouped_dilated_conv_norms_by_hand() -> None:
-    torch.manual_seed(0)
-    conv = nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=1, bias=False)
-    pruner = Pruner(nn.Sequential(conv), method="wanda", scope="layer")
-    x = torch.randn(2, 4, 7, 7)
-    pruner.calibrate([x[:1], x[1:]])  # batches of one
-    norms = [float(x[:, c].double().square().sum().sqrt()) for c in range(4)]
-    w = conv.weight.detach().clone()
-    # output channel o belongs to group o // 3; its input channel i is channel 2 * group + i
-    scores = torch.empty_like(w)
-    for o in range(6):
-        for i in range(2):
-            scores[o, i] = w[o, i].abs() * norms[2 * (o // 3) + i]
-    pruner.prune_to(0.5)
-    assert torch.equal(conv.weight != 0, _lowest_mask(scores, round(0.5 * w.numel())))
-
-
 def test_dict_tuple_and_ragged_batches() -> None:
     class Keyword(nn.Module):
         def __init__(self) -> None:
@@ -216,3 +199,81 @@ def test_taylor_scores_in_other_dtypes(dtype: torch.dtype) -> None:
     pruner.calibrate([x], loss_fn=lambda out, batch: out.float().square().sum())
     pruner.prune_to({"0.weight": 6})
     assert torch.equal(model[0].weight != 0, _lowest_mask(expected, 6))
+
+
+# --------------------------------------------- wanda on convolutions, by im2col
+def _im2col_norms(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """||X_col||_2 per (input channel, kernel position): the norm of the column of the
+    unfolded input that the weight entry multiplies, over every sample and output
+    position (brute force: the padded input unfolded with the conv's geometry)."""
+    if conv.padding_mode != "zeros":
+        x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    elif conv.padding == "same":  # stride 1, odd dilated kernel here: the same on both sides
+        padding = tuple(
+            d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+        )
+    else:
+        padding = conv.padding
+    cols = nn.functional.unfold(
+        x.double(), conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+    )  # (batch, C * kh * kw, positions)
+    return cols.square().sum((0, 2)).sqrt().view(conv.in_channels, *conv.kernel_size)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stride": 2, "padding": 1},
+        {"stride": 1, "padding": 2, "dilation": 2, "groups": 2},
+        {"stride": (2, 1), "padding": (0, 1), "dilation": (1, 2)},
+        {"stride": 1, "padding": "same", "dilation": 2},
+        {"stride": 2, "padding": 1, "padding_mode": "reflect"},
+        {"stride": 1, "padding": 1, "padding_mode": "circular", "groups": 4},
+    ],
+)
+def test_wanda_conv2d_norms_per_input_channel_and_kernel_position(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, bias=False, **kwargs)
+    pruner = Pruner(nn.Sequential(conv), method="wanda", scope="layer")
+    x = torch.randn(3, 4, 9, 8) + torch.linspace(0, 3, 8)  # not uniform over positions
+    pruner.calibrate([x[:2], x[2:]])
+    norms = _im2col_norms(conv, x)  # (in_channels, 3, 3)
+    w = conv.weight.detach().clone()
+    per_group = conv.in_channels // conv.groups
+    scores = torch.empty_like(w, dtype=torch.float64)
+    for o in range(w.shape[0]):
+        g = o // (w.shape[0] // conv.groups)
+        for i in range(per_group):
+            scores[o, i] = w[o, i].double().abs() * norms[g * per_group + i]
+    pruner.prune_to(0.5)
+    assert torch.equal(conv.weight != 0, _lowest_mask(scores, round(0.5 * w.numel())))
+
+
+def test_wanda_conv1d_and_unbatched_input_by_im2col() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1, bias=False)
+    pruner = Pruner(nn.Sequential(conv), method="wanda", scope="layer")
+    x = torch.randn(3, 11) + torch.linspace(0, 2, 11)  # unbatched: (channels, length)
+    pruner.calibrate([x])
+    conv2d = nn.Conv2d(3, 4, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
+    norms = _im2col_norms(conv2d, x[None, :, None, :]).view(3, 3)
+    w = conv.weight.detach().clone()
+    scores = w.double().abs() * norms
+    pruner.prune_to(0.5)
+    assert torch.equal(conv.weight != 0, _lowest_mask(scores, 18))
+
+
+def test_conv_wanda_state_with_channel_norms_is_refused_by_name() -> None:
+    conv = nn.Conv2d(2, 3, 3)
+    pruner = Pruner(nn.Sequential(conv), method="wanda")
+    pruner.calibrate([torch.randn(1, 2, 5, 5)])
+    state = pruner.state_dict()
+    before = state["stats"]["targets"]["0.weight"]["values"]["inputs_sq"].clone()
+    old = {**state, "stats": {"format": 1, "targets": {"0.weight": {
+        "method": "wanda", "values": {"inputs_sq": torch.ones(2, dtype=torch.float64)},
+        "counts": {"rows": 9, "backwards": 0, "positions": 0}}}}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"inputs_sq.*shape \(2, 3, 3\).*kernel position"):
+        pruner.load_state_dict(old)
+    after = pruner.state_dict()["stats"]["targets"]["0.weight"]["values"]["inputs_sq"]
+    assert torch.equal(after, before)
