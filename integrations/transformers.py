@@ -11,11 +11,14 @@ from prunekit.schedules import FromCallable, Schedule
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from prunekit import SCOPES, Pruner, Targets, get_method, unpack_mask
+from prunekit import SCOPES, GroupPruner, Pruner, Targets, get_method, unpack_mask
 
 #: The file the callback writes into each ``checkpoint-N`` folder.
 STATE_FILE = "prunekit_pruning.pt"
 _FORMAT = 1
+STRUCTURES = ("weights", "groups")
+#: options of structure="groups" (passed to GroupPruner)
+_GROUP_OPTIONS = ("reduce", "blocks_only")
 
 
 class PruningCallback(TrainerCallback):
@@ -45,6 +48,16 @@ class PruningCallback(TrainerCallback):
         targets, method, scope, exclude, seed, options: as for :class:`prunekit.Pruner`.
         verbose: print the one-line target summary at train begin and the sparsity table
             at every update (world process zero).
+        structure: ``"weights"`` (default: ``method`` decides what goes) or ``"groups"``:
+            a :class:`prunekit.GroupPruner` prunes whole dependency groups (attention heads
+            and MLP units with ``options={"blocks_only": True}``, which transformers need:
+            their reshapes cannot be followed), so :func:`prunekit.compact` can remove them.
+            The schedule's sparsity and ``sparsity/actual`` then count groups. Needs
+            ``example_input``, the default ``method`` and no ``targets``; ``exclude``
+            leaves groups with a member it matches dense; ``options`` may hold ``reduce``
+            and ``blocks_only``. A checkpoint of one structure does not resume the other.
+        example_input: with ``structure="groups"``, an input of the model's ``forward``
+            (e.g. token ids), moved to the model's device, floats cast to its dtype.
 
     >>> from prunekit.schedules import Polynomial
     >>> PruningCallback(Polynomial(0.0, 0.9, begin=0, end=100, frequency=10))
@@ -62,6 +75,8 @@ class PruningCallback(TrainerCallback):
         seed: int = 0,
         options: Mapping[str, Any] | None = None,
         verbose: bool = False,
+        structure: str = "weights",
+        example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             if not callable(schedule):
@@ -72,6 +87,9 @@ class PruningCallback(TrainerCallback):
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
         get_method(method)
+        _check_structure(structure, example_input, method, targets, options)
+        self.structure = structure
+        self.example_input = example_input
         self.schedule = schedule
         self.pruner_args: dict[str, Any] = {
             "targets": targets,
@@ -82,7 +100,7 @@ class PruningCallback(TrainerCallback):
             **dict(options or {}),
         }
         self.verbose = verbose
-        self.pruner: Pruner | None = None
+        self.pruner: Pruner | GroupPruner | None = None
         self._last_t: int | None = None  # the last step checked against the schedule
         self._target = 0.0  # the sparsity the masks were last brought to
 
@@ -159,7 +177,7 @@ class PruningCallback(TrainerCallback):
         if previous is not None and previous.model is model:
             carried = previous.state_dict()  # a second train() with the same callback goes on
             previous.remove()
-        self.pruner = Pruner(model, **self.pruner_args)
+        self.pruner = self._make_pruner(model)
         self.pruner.attach(optimizer)  # unwraps accelerate's AcceleratedOptimizer
         if state.global_step > 0:
             self._restore(args, state)
@@ -170,6 +188,18 @@ class PruningCallback(TrainerCallback):
         if self.verbose and state.is_world_process_zero:
             print(f"prunekit: {self.pruner.describe()}")
         self._maybe_update(state, None)
+
+    def _make_pruner(self, model: torch.nn.Module) -> Pruner | GroupPruner:
+        if self.structure == "weights":
+            return Pruner(model, **self.pruner_args)
+        options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
+        return GroupPruner(
+            model,
+            _like_model(self.example_input, model),
+            scope=self.pruner_args["scope"],
+            exclude=self.pruner_args["exclude"],
+            **options,
+        )
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         assert self.pruner is not None
@@ -197,8 +227,15 @@ class PruningCallback(TrainerCallback):
                 f"the checkpoint was written with schedule {saved['schedule']}, this callback "
                 f"has {mine}; resume with the same schedule"
             )
+        there = saved.get("structure", "weights")  # (files written before groups existed)
+        if there != self.structure:
+            raise ValueError(
+                f"the checkpoint was written with structure={there!r}, this callback has "
+                f"structure={self.structure!r}; resume with the same structure"
+            )
         model = self.pruner.model
-        for name, entry in saved["pruner"]["masks"].items():
+        inner = saved["pruner"]["pruner"] if there == "groups" else saved["pruner"]
+        for name, entry in inner["masks"].items():
             if name not in self.pruner.masks:
                 break  # load_state_dict names what differs
             mask = unpack_mask(entry["packed"], tuple(entry["shape"]))
@@ -236,6 +273,7 @@ class PruningCallback(TrainerCallback):
         return {
             "format": _FORMAT,
             "global_step": global_step,
+            "structure": self.structure,
             "schedule": _describe(self.schedule),
             "last_t": self._last_t,
             "target": self._target,
@@ -243,10 +281,77 @@ class PruningCallback(TrainerCallback):
         }
 
     def __repr__(self) -> str:
+        how = (
+            "structure='groups'"
+            if self.structure == "groups"
+            else f"method={self.pruner_args['method']!r}"
+        )
         return (
             f"PruningCallback(schedule={type(self.schedule).__name__}(...), "
-            f"method={self.pruner_args['method']!r}, scope={self.pruner_args['scope']!r})"
+            f"{how}, scope={self.pruner_args['scope']!r})"
         )
+
+
+def _check_structure(
+    structure: Any,
+    example_input: Any,
+    method: str,
+    targets: Any,
+    options: Mapping[str, Any] | None,
+) -> None:
+    """``structure`` and what ``structure="groups"`` cannot be combined with."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} must be one of {STRUCTURES}")
+    if structure == "weights":
+        if example_input is not None:
+            raise ValueError("example_input= is only used with structure='groups'")
+        return
+    if example_input is None:
+        raise ValueError(
+            "structure='groups' needs example_input= (an input of the model's forward, "
+            "e.g. torch.ones(1, 8, dtype=torch.long) for token ids)"
+        )
+    if not (
+        isinstance(example_input, torch.Tensor)
+        or (
+            isinstance(example_input, tuple)
+            and example_input
+            and all(isinstance(t, torch.Tensor) for t in example_input)
+        )
+    ):
+        raise TypeError(
+            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
+        )
+    if method != "magnitude":
+        raise ValueError(
+            f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
+            "does not apply (leave the default)"
+        )
+    if targets is not None:
+        raise ValueError(
+            f"structure='groups' prunes every dependency group it finds; {targets=!r} is not "
+            "supported with it (leave groups dense with exclude=)"
+        )
+    unknown = sorted(set(options or {}) - set(_GROUP_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
+        )
+
+
+def _like_model(example: Any, model: torch.nn.Module) -> Any:
+    """``example`` on the model's device, floating-point tensors in its floating-point
+    dtype (token ids keep theirs); a new object, the argument is not changed."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    return tuple(move(t) for t in example) if isinstance(example, tuple) else move(example)
 
 
 def _describe(schedule: Schedule) -> Any:

@@ -9,6 +9,7 @@ directly) or from hand counts, not from the ranking code under test.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -168,3 +169,107 @@ def test_members_in_a_param_group_added_mid_training_stay_zero() -> None:
     assert len(pruning.pruner.optimizers[0].param_groups) == 2
     assert dead_units(model) == [16, 8]  # net.4's columns of the pruned units: zero
     assert model.net[4].weight.detach().count_nonzero() == 3 * 8  # and it trained the rest
+
+
+# ------------------------------------------------ the Hugging Face Trainer callback
+def _hf_bert_run(output_dir: Path, resume: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    transformers = pytest.importorskip("transformers")
+    from prunekit.integrations.transformers import PruningCallback
+
+    from tests import hf_worker
+    from tests.test_targets import tiny_bert
+
+    transformers.set_seed(0)
+    model = tiny_bert(transformers)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (32, 10), generator=g)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
+    args: dict[str, Any] = {
+        "structure": "groups",
+        "example_input": BERT_EXAMPLE,
+        "scope": "layer",
+        "options": {"blocks_only": True},
+    }
+    args.update(kwargs)
+    pruning = PruningCallback(Polynomial(0.0, 0.5, begin=1, end=5, frequency=2), **args)
+    hf = transformers.Trainer(
+        model=model,
+        args=hf_worker.arguments(str(output_dir), max_steps=8, save_steps=4),
+        train_dataset=data,
+        callbacks=[pruning],
+    )
+    hf.train(resume_from_checkpoint=resume)
+    return model, pruning
+
+
+BERT_EXAMPLE = torch.ones(1, 10, dtype=torch.long)
+
+
+def _dead_bert(model: nn.Module) -> list[tuple[int, int]]:
+    """Per encoder layer: (heads, MLP units) whose every weight and bias entry is zero,
+    counted from the weights (4 heads of 8 dims, 37 intermediate units)."""
+    out = []
+    for layer in model.bert.encoder.layer:
+        att, heads = layer.attention, 0
+        for h in range(4):
+            rows = slice(8 * h, 8 * h + 8)
+            parts = [getattr(att.self, p).weight[rows] for p in ("query", "key", "value")]
+            parts += [getattr(att.self, p).bias[rows] for p in ("query", "key", "value")]
+            parts.append(att.output.dense.weight[:, rows])
+            heads += all(not t.detach().any() for t in parts)
+        inter, down = layer.intermediate.dense, layer.output.dense
+        dead = ~inter.weight.detach().any(dim=1)
+        assert not inter.bias.detach()[dead].any() and not down.weight.detach()[:, dead].any()
+        out.append((heads, int(dead.sum())))
+    return out
+
+
+def test_hf_trainer_groups_blocks_only_prunes_heads_and_units_compacts_and_resumes(
+    tmp_path: Path,
+) -> None:
+    model, pruning = _hf_bert_run(tmp_path / "straight")
+    # half of 4 heads and round(0.5 * 37) = 18 of 37 units, in each of the 2 layers
+    assert _dead_bert(model) == [(2, 18), (2, 18)]
+    model.eval()
+    small = compact(model, BERT_EXAMPLE, pruner=pruning.pruner, blocks_only=True)
+    x = torch.randint(1, 99, (3, 10))
+    with torch.no_grad():
+        assert torch.allclose(small(x).logits, model(x).logits, atol=1e-5)
+    _, again = _hf_bert_run(
+        tmp_path / "straight", resume=str(tmp_path / "straight" / "checkpoint-4")
+    )
+    for name, mask in pruning.pruner.masks.items():
+        assert torch.equal(again.pruner.masks[name], mask), name
+    with pytest.raises(ValueError, match=r"structure='groups'.*structure='weights'"):
+        _hf_bert_run(
+            tmp_path / "straight",
+            resume=str(tmp_path / "straight" / "checkpoint-4"),
+            structure="weights",
+            example_input=None,
+            options=None,
+        )
+
+
+def test_hf_callback_groups_arguments_are_checked() -> None:
+    pytest.importorskip("transformers")
+    from prunekit.integrations.transformers import PruningCallback
+
+    sched = Polynomial(0.0, 0.5, begin=1, end=5, frequency=2)
+    with pytest.raises(ValueError, match="structure='channels'"):
+        PruningCallback(sched, structure="channels")
+    with pytest.raises(ValueError, match="example_input"):
+        PruningCallback(sched, structure="groups")
+    with pytest.raises(ValueError, match="only used with structure='groups'"):
+        PruningCallback(sched, example_input=BERT_EXAMPLE)
+    with pytest.raises(TypeError, match="example_input must be"):
+        PruningCallback(sched, structure="groups", example_input=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="method='random'"):
+        PruningCallback(sched, structure="groups", example_input=BERT_EXAMPLE, method="random")
+    with pytest.raises(ValueError, match="targets="):
+        PruningCallback(sched, structure="groups", example_input=BERT_EXAMPLE, targets=["a"])
+    with pytest.raises(ValueError, match=r"options \['n'\]"):
+        PruningCallback(sched, structure="groups", example_input=BERT_EXAMPLE, options={"n": 2})
+    assert "structure='groups'" in repr(
+        PruningCallback(sched, structure="groups", example_input=BERT_EXAMPLE)
+    )
