@@ -179,8 +179,9 @@ def prune_once(
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place to ``sparsity`` in one call (data-aware methods calibrate
-    on ``batches`` of ``(inputs, labels)`` first, with cross-entropy as the loss;
-    ``options`` go to the method); the pruning is made permanent. Returns ``method``,
+    on ``batches`` of ``(inputs, labels)`` first, with cross-entropy as the loss, in eval
+    mode: batch-norm running statistics are not updated and dropout is off, as in the
+    evaluation; ``options`` go to the method); the pruning is made permanent. Returns ``method``,
     ``options``, ``scope``, ``target_sparsity``,
     ``sparsity`` (zeros among the targeted weights, counted on the weights themselves),
     ``calibration_s`` and ``prune_s``.
@@ -197,7 +198,13 @@ def prune_once(
             if not batches:
                 raise ValueError(f"method={method!r} needs calibration batches, got none")
             began = time.perf_counter()
-            pruner.calibrate(batches, loss_fn=_cross_entropy)
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()  # batch-norm running statistics and dropout as the evaluation sees them
+            try:
+                pruner.calibrate(batches, loss_fn=_cross_entropy)
+            finally:
+                for module, training in modes:
+                    module.training = training
             calibration_s = time.perf_counter() - began
         began = time.perf_counter()
         pruner.prune_to(sparsity)

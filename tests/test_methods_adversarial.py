@@ -277,3 +277,21 @@ def test_conv_wanda_state_with_channel_norms_is_refused_by_name() -> None:
         pruner.load_state_dict(old)
     after = pruner.state_dict()["stats"]["targets"]["0.weight"]["values"]["inputs_sq"]
     assert torch.equal(after, before)
+
+
+# ------------------------------------------------------------- prunekit oneshot
+@pytest.mark.parametrize("method", ["wanda", "taylor", "activation"])
+def test_oneshot_calibration_leaves_batchnorm_buffers_and_mode_alone(method: str) -> None:
+    from prunekit.experiments.oneshot import prune_once
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model.train()  # as a freshly built or trained network is
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    batches = [(torch.randn(8, 4) + 3, torch.randint(0, 3, (8,))) for _ in range(2)]
+    prune_once(model, method=method, scope="layer", sparsity=0.5 if method != "activation" else 1,
+               batches=batches)  # fmt: skip
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    for key, value in before.items():  # magnitude never touches them: neither may calibration
+        assert torch.equal(after[key], value), key
+    assert model.training
