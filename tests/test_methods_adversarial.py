@@ -205,19 +205,31 @@ def test_taylor_scores_in_other_dtypes(dtype: torch.dtype) -> None:
 def _im2col_norms(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """||X_col||_2 per (input channel, kernel position): the norm of the column of the
     unfolded input that the weight entry multiplies, over every sample and output
-    position (brute force: the padded input unfolded with the conv's geometry)."""
-    if conv.padding_mode != "zeros":
-        x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        padding = 0
-    elif conv.padding == "same":  # stride 1, odd dilated kernel here: the same on both sides
-        padding = tuple(
-            d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-        )
+    position (brute force: the padded input unfolded with the conv's geometry; checked to
+    reproduce the conv's own output, so the padding convention is the conv's)."""
+    if conv.padding == "same":  # total d * (k - 1): the smaller half before, the rest after
+        halves = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                  for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]  # fmt: skip
+        pad = [p for pair in reversed(halves) for p in pair]
     else:
-        padding = conv.padding
+        pad = [p for p in reversed(conv.padding) for _ in range(2)]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = nn.functional.pad(x.double(), pad, mode=mode)
     cols = nn.functional.unfold(
-        x.double(), conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride
     )  # (batch, C * kh * kw, positions)
+    per_group = conv.in_channels // conv.groups
+    w = conv.weight.detach().double()
+    outs = []
+    for g in range(conv.groups):  # the conv's output from these columns, group by group
+        rows = w[g * (w.shape[0] // conv.groups) : (g + 1) * (w.shape[0] // conv.groups)]
+        block = cols.view(x.shape[0], conv.in_channels, -1, cols.shape[-1])[
+            :, g * per_group : (g + 1) * per_group
+        ].reshape(x.shape[0], -1, cols.shape[-1])
+        outs.append(rows.reshape(rows.shape[0], -1) @ block)
+    with torch.no_grad():
+        y = conv(x).double()
+    torch.testing.assert_close(torch.cat(outs, 1).view(y.shape), y, rtol=1e-5, atol=1e-5)
     return cols.square().sum((0, 2)).sqrt().view(conv.in_channels, *conv.kernel_size)
 
 
@@ -230,15 +242,17 @@ def _im2col_norms(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         {"stride": 1, "padding": "same", "dilation": 2},
         {"stride": 2, "padding": 1, "padding_mode": "reflect"},
         {"stride": 1, "padding": 1, "padding_mode": "circular", "groups": 4},
+        {"stride": 1, "padding": "same", "kernel_size": 4, "padding_mode": "replicate"},
     ],
 )
 def test_wanda_conv2d_norms_per_input_channel_and_kernel_position(kwargs: dict) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 8, 3, bias=False, **kwargs)
+    kwargs = {"kernel_size": 3, **kwargs}
+    conv = nn.Conv2d(4, 8, bias=False, **kwargs)
     pruner = Pruner(nn.Sequential(conv), method="wanda", scope="layer")
     x = torch.randn(3, 4, 9, 8) + torch.linspace(0, 3, 8)  # not uniform over positions
     pruner.calibrate([x[:2], x[2:]])
-    norms = _im2col_norms(conv, x)  # (in_channels, 3, 3)
+    norms = _im2col_norms(conv, x)  # (in_channels, *kernel)
     w = conv.weight.detach().clone()
     per_group = conv.in_channels // conv.groups
     scores = torch.empty_like(w, dtype=torch.float64)
