@@ -273,3 +273,76 @@ def test_hf_callback_groups_arguments_are_checked() -> None:
     assert "structure='groups'" in repr(
         PruningCallback(sched, structure="groups", example_input=BERT_EXAMPLE)
     )
+
+
+# ------------------------------------------------------------------ DDP (2 x gloo)
+class _RankConvBN(ConvBN):
+    """Each rank trains on other data: only DDP's averaging keeps the weights equal (the
+    BatchNorm running stats differ between ranks: not synchronised)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.global_rank * 100_000 + batch_idx)
+        x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def _ddp_worker(out: str, devices: int) -> None:
+    """Run as ``python tests/test_groups_in_loops.py OUT DEVICES``: a groups fit under DDP
+    that writes every rank's masks after every update to OUT/rank<r>.pt."""
+    torch.set_num_threads(1)
+    records: list[dict[str, Any]] = []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            pruner = trainer.callbacks[0].pruner  # type: ignore[attr-defined]
+            fraction = pruner.sparsity().fraction
+            if fraction != (records[-1]["fraction"] if records else 0.0):
+                masks = {n: m.clone() for n, m in pruner.masks.items()}
+                records.append({"step": trainer.global_step, "masks": masks, "fraction": fraction})
+
+    pruning = Pruning(
+        SCHEDULE, structure="groups", example_input=torch.zeros(1, 3, 6, 6), scope="global"
+    )
+    strategy = "ddp" if devices > 1 else "auto"
+    fit = trainer(max_steps=8, devices=devices, strategy=strategy, callbacks=[pruning, Recorder()])
+    model = _RankConvBN("sgd")
+    fit.fit(model, loader())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({"records": records, "weights": weights}, Path(out) / f"rank{fit.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_have_identical_group_masks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    # of 8 + 6 = 14 channels: round(0.4375 * 14) = 6 pruned at step 2, 7 at step 4
+    assert [(r["step"], r["fraction"]) for r in r0["records"]] == [(2, 6 / 14), (4, 7 / 14)]
+    for a, b in zip(r0["records"], r1["records"], strict=True):
+        assert a["fraction"] == b["fraction"]
+        for name, mask in a["masks"].items():
+            assert torch.equal(b["masks"][name], mask), name
+    for name, w in r0["weights"].items():
+        assert torch.equal(r1["weights"][name], w), name
+    # half of the 8 + 6 channels, counted from rank 1's weights
+    w = r1["weights"]
+    dead = int((~w["conv1.weight"].flatten(1).any(1)).sum()) + int(
+        (~w["conv2.weight"].flatten(1).any(1)).sum()
+    )
+    assert dead == 7
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _ddp_worker(sys.argv[1], int(sys.argv[2]))
