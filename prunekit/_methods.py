@@ -258,7 +258,10 @@ def activation_mask(
     ranks the channels of all targets together under ``scope="global"`` (exactly
     ``round(amount * channels)``, each layer keeping its best channel for fractions < 1);
     ``mean_abs`` (its scale differs between layers) ranks per layer (``scope="layer"``).
-    Statistics: two float64 per output channel.
+    Statistics: two float64 per output channel. They are taken on the module's own
+    output, before whatever follows it: after an in-place ReLU the fraction of positives
+    is the same, but after a normalisation (Conv -> BatchNorm -> ReLU) it is not the
+    post-activation APoZ of the paper.
 
     >>> activation_mask(torch.ones(3, 2), 1, activity=torch.tensor([0.5, 0.1, 2.0]))
     tensor([[ True,  True],
