@@ -42,6 +42,9 @@ class PruningCallback(TrainerCallback):
       Trainer puts its ``report_to`` callbacks before those passed in ``callbacks=``; put
       this one first for them to see the keys:
       ``trainer.callback_handler.callbacks.insert(0, pruning)``.
+    - **Another train()** of the same model with this callback (a new ``Trainer``, whose
+      ``global_step`` starts at 0) carries the masks over; targets below the sparsity
+      already reached are held (masks never regrow) until the schedule passes it.
 
     Args:
         schedule: a :class:`prunekit.schedules.Schedule`, or a ``t -> sparsity`` callable.
@@ -103,6 +106,7 @@ class PruningCallback(TrainerCallback):
         self.pruner: Pruner | GroupPruner | None = None
         self._last_t: int | None = None  # the last step checked against the schedule
         self._target = 0.0  # the sparsity the masks were last brought to
+        self._hold = False  # a later train() of the same model: targets below _target held
 
     # --------------------------------------------------------------- hooks
     def on_train_begin(
@@ -179,10 +183,12 @@ class PruningCallback(TrainerCallback):
             previous.remove()
         self.pruner = self._make_pruner(model)
         self.pruner.attach(optimizer)  # unwraps accelerate's AcceleratedOptimizer
+        self._hold = False
         if state.global_step > 0:
             self._restore(args, state)
         elif carried is not None:
             self.pruner.load_state_dict(carried)
+            self._last_t, self._hold = None, True  # t restarts at 0: hold what was reached
         else:
             self._last_t, self._target = None, 0.0
         if self.verbose and state.is_world_process_zero:
@@ -257,7 +263,7 @@ class PruningCallback(TrainerCallback):
         if not self.schedule.is_update(t):
             return
         target = self.schedule(t)
-        if target == self._target:
+        if target == self._target or (self._hold and target < self._target):
             return
         self.pruner.prune_to(target)
         self._target = target

@@ -275,6 +275,34 @@ def test_hf_callback_groups_arguments_are_checked() -> None:
     )
 
 
+@pytest.mark.parametrize("structure", ["groups", "weights"])
+def test_hf_second_train_with_the_same_callback_holds_the_masks_and_reports_them(
+    tmp_path: Path, structure: str
+) -> None:
+    # A second trainer.train() on the same model restarts global_step at 0: the schedule's
+    # lower targets are held (masks never regrow, the logged target is what they reach)
+    transformers = pytest.importorskip("transformers")
+    from tests import hf_worker
+
+    extra: dict[str, Any] = {}
+    if structure == "weights":
+        extra = {"structure": "weights", "example_input": None, "options": None}
+    model, pruning = _hf_bert_run(tmp_path / "first", **extra)
+    masks = {n: m.clone() for n, m in pruning.pruner.masks.items()}
+    assert pruning._target == 0.5
+    again = transformers.Trainer(
+        model=model,
+        args=hf_worker.arguments(str(tmp_path / "second"), max_steps=4, save_strategy="no"),
+        train_dataset=[{"input_ids": torch.ones(10, dtype=torch.long), "labels": 0}] * 16,
+        callbacks=[pruning],
+    )
+    again.train()  # t = 1..4: the schedule asks for 0 ... 0.4375 < 0.5
+    for name, mask in masks.items():
+        assert torch.equal(pruning.pruner.masks[name], mask), name
+    logged = [h["sparsity/target"] for h in again.state.log_history if "sparsity/target" in h]
+    assert logged and set(logged) == {0.5}
+
+
 # ------------------------------------------------------------------ DDP (2 x gloo)
 class _RankConvBN(ConvBN):
     """Each rank trains on other data: only DDP's averaging keeps the weights equal (the
