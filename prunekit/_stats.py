@@ -373,6 +373,8 @@ class Statistics:
         if "outputs" in needs and stats.positions == 0:
             return "output activations (no forward pass of its module was seen)"
         if "grads" in needs and stats.backwards == 0:
+            if not self.sites[name].param.requires_grad:
+                return "gradients (none: it has requires_grad=False; exclude it or unfreeze it)"
             return "gradients (no backward pass reached it)"
         return None
 
