@@ -466,6 +466,8 @@ class Pruning(Callback):
         target = self.schedule(t)
         if target == self._target or ((self._hold or catch_up) and target < self._target):
             return
+        if self.structure == "groups" and target < self._target:  # (GroupPruner would hold)
+            raise ValueError(_goes_down(t, target, self._target))
         self._follow_optimizers(trainer)
         self.pruner.prune_to(target)
         self._target = target
@@ -723,6 +725,13 @@ def follow_optimizers(
         if held & targets:
             pruner.attach(optimizer)
     return [(o, len(o.param_groups)) for o in optimizers]
+
+
+def _goes_down(t: int, target: float, reached: float) -> str:
+    return (
+        f"schedule({t})={target} is below the sparsity the masks were already brought to "
+        f"({reached}); masks only shrink: give a schedule that does not go down"
+    )
 
 
 def _changed(pl_module: nn.Module, error: Exception) -> ValueError:

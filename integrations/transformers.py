@@ -265,6 +265,11 @@ class PruningCallback(TrainerCallback):
         target = self.schedule(t)
         if target == self._target or (self._hold and target < self._target):
             return
+        if self.structure == "groups" and target < self._target:  # (GroupPruner would hold)
+            raise ValueError(
+                f"schedule({t})={target} is below the sparsity the masks were already brought "
+                f"to ({self._target}); masks only shrink: give a schedule that does not go down"
+            )
         self.pruner.prune_to(target)
         self._target = target
         if control is not None:

@@ -303,6 +303,48 @@ def test_hf_second_train_with_the_same_callback_holds_the_masks_and_reports_them
     assert logged and set(logged) == {0.5}
 
 
+# ------------------------------------------------------------ a schedule that goes down
+def _down(t: int) -> float:
+    """0.5 at t = 2 and 3, then 0.25: not monotone (a user's callable)."""
+    return 0.5 if t in (2, 3) else (0.25 if t >= 4 else 0.0)
+
+
+def test_a_schedule_that_goes_down_is_refused_not_logged_over_held_masks() -> None:
+    # structure="weights" refuses it (masks only shrink); groups used to hold the masks
+    # silently and log sparsity/target 0.25 over masks at 0.5
+    model = TinyNet()
+    pruning = Pruning(_down, structure="groups", example_input=EXAMPLE, scope="layer")
+    with pytest.raises(ValueError, match=r"schedule\(4\)=0.25.*0.5.*masks only shrink"):
+        trainer(max_steps=6, callbacks=[pruning]).fit(model, loader())
+    assert pruning._target == 0.5
+    assert dead_units(model) == [16, 8]  # the masks of t = 2, unchanged
+
+
+def test_hf_a_schedule_that_goes_down_is_refused(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from prunekit.integrations.transformers import PruningCallback
+
+    from tests import hf_worker
+    from tests.test_targets import tiny_bert
+
+    pruning = PruningCallback(
+        _down,
+        structure="groups",
+        example_input=BERT_EXAMPLE,
+        scope="layer",
+        options={"blocks_only": True},
+    )
+    hf = transformers.Trainer(
+        model=tiny_bert(transformers),
+        args=hf_worker.arguments(str(tmp_path), max_steps=6, save_strategy="no"),
+        train_dataset=[{"input_ids": torch.ones(10, dtype=torch.long), "labels": 0}] * 24,
+        callbacks=[pruning],
+    )
+    with pytest.raises(ValueError, match=r"schedule\(4\)=0.25.*0.5.*masks only shrink"):
+        hf.train()
+    assert pruning._target == 0.5
+
+
 # ------------------------------------------------------------------ DDP (2 x gloo)
 class _RankConvBN(ConvBN):
     """Each rank trains on other data: only DDP's averaging keeps the weights equal (the
