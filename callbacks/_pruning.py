@@ -23,6 +23,8 @@ UNITS = ("step", "epoch")
 STRUCTURES = ("weights", "groups")
 #: options of structure="groups" (passed to GroupPruner)
 _GROUP_OPTIONS = ("reduce", "blocks_only")
+#: GroupPruner's defaults: a resume compares options with these filled in
+_GROUP_DEFAULTS = {"reduce": "normalized", "blocks_only": False}
 #: What a checkpoint entry of this callback holds: 2 adds the arguments it was written with.
 _STATE_FORMAT = 2
 
@@ -427,6 +429,10 @@ class Pruning(Callback):
                 "targets": list(pruner.get("masks", {})),
             }
         mine = self._arguments()
+        if saved.get("structure") == "groups" and self.structure == "groups":
+            # the defaults spelled out or left out are the same options
+            saved = {**saved, "options": {**_GROUP_DEFAULTS, **(saved.get("options") or {})}}
+            mine = {**mine, "options": {**_GROUP_DEFAULTS, **mine["options"]}}
         differ = [
             key
             for key, value in saved.items()

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from prunekit.callbacks import Pruning
 from prunekit.schedules import Polynomial
 from torch import nn
@@ -301,6 +301,28 @@ def test_hf_second_train_with_the_same_callback_holds_the_masks_and_reports_them
         assert torch.equal(pruning.pruner.masks[name], mask), name
     logged = [h["sparsity/target"] for h in again.state.log_history if "sparsity/target" in h]
     assert logged and set(logged) == {0.5}
+
+
+# ------------------------------------------------------------------------ resumes
+def test_resume_with_the_default_options_spelled_out_continues_and_other_options_refused(
+    tmp_path: Path,
+) -> None:
+    saver = ModelCheckpoint(tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    first = groups()
+    trainer(max_steps=3, callbacks=[first, saver], enable_checkpointing=True).fit(
+        TinyNet(), loader()
+    )
+    ckpt = str(tmp_path / "step=3.ckpt")
+    straight = groups()
+    trainer(max_steps=6, callbacks=[straight]).fit(TinyNet(), loader(), ckpt_path=ckpt)
+    spelled = groups(options={"reduce": "normalized", "blocks_only": False})  # the defaults
+    trainer(max_steps=6, callbacks=[spelled]).fit(TinyNet(), loader(), ckpt_path=ckpt)
+    for name, mask in straight.pruner.masks.items():
+        assert torch.equal(spelled.pruner.masks[name], mask), name
+    with pytest.raises(ValueError, match=r"options=\{.*'reduce': 'normalized'.*'reduce': 'mean'"):
+        trainer(max_steps=6, callbacks=[groups(options={"reduce": "mean"})]).fit(
+            TinyNet(), loader(), ckpt_path=ckpt
+        )
 
 
 # ------------------------------------------------------------ a schedule that goes down
