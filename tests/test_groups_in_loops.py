@@ -9,6 +9,7 @@ directly) or from hand counts, not from the ranking code under test.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,43 @@ def test_hf_second_train_with_the_same_callback_holds_the_masks_and_reports_them
         assert torch.equal(pruning.pruner.masks[name], mask), name
     logged = [h["sparsity/target"] for h in again.state.log_history if "sparsity/target" in h]
     assert logged and set(logged) == {0.5}
+
+
+# ------------------------------------------- what changes under the callback mid-fit
+class Replace(Callback):
+    """At step 3 (after the update of step 2), ``net.2`` becomes a new Linear."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, b: Any, i: int) -> None:
+        if trainer.global_step == 3 and not hasattr(self, "masks"):
+            self.masks = {n: m.clone() for n, m in trainer.callbacks[0].pruner.masks.items()}
+            pl_module.net[2] = nn.Linear(32, 16)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.net[2].parameters())})
+
+
+def test_a_parameter_replaced_after_fit_start_is_named_before_the_masks_change() -> None:
+    model, replace = TinyNet(), Replace()
+    pruning = groups()
+    with pytest.raises(ValueError, match=r"'net\.2\.weight' of TinyNet was replaced"):
+        trainer(max_steps=8, callbacks=[pruning, replace]).fit(model, loader())
+    for name, mask in replace.masks.items():  # the update of step 4 changed nothing
+        assert torch.equal(pruning.pruner.masks[name], mask), name
+
+
+def test_second_fit_holds_and_a_copied_callback_starts_afresh_on_a_copied_model() -> None:
+    model, pruning = TinyNet(), groups()
+    trainer(max_steps=6, callbacks=[pruning]).fit(model, loader())
+    masks = {n: m.clone() for n, m in pruning.pruner.masks.items()}
+    trainer(max_steps=3, callbacks=[pruning]).fit(model, loader())  # t restarts: held
+    assert all(torch.equal(pruning.pruner.masks[n], m) for n, m in masks.items())
+    assert pruning._target == 0.5 and dead_units(model) == [16, 8]
+    twin, copied = copy.deepcopy(pruning), copy.deepcopy(model)
+    assert twin.pruner is None
+    trainer(max_steps=3, callbacks=[twin]).fit(copied, loader())  # afresh: t = 2 only
+    assert twin.pruner.model is copied and pruning.pruner.model is model
+    assert twin._target == SCHEDULE(2)  # what its own masks reach, reported as such
+    assert twin.pruner.sparsity().fraction == pytest.approx(
+        (round(SCHEDULE(2) * 32) + round(SCHEDULE(2) * 16)) / 48
+    )
 
 
 # ------------------------------------------------------------------------ resumes
