@@ -615,12 +615,14 @@ def outcome_table(outcomes: Sequence[Outcome]) -> str:
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While running children, SIGTERM or SIGHUP (a closed terminal) to this process stops
-    them as Ctrl-C does."""
+    them as Ctrl-C does. A signal already ignored stays ignored (``nohup`` ignores SIGHUP:
+    runs started that way must outlive the terminal)."""
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    caught = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    signals = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    caught = [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
     try:
         previous = {sig: signal.signal(sig, handler) for sig in caught}
     except ValueError:  # not the main thread

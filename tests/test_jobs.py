@@ -327,12 +327,29 @@ def test_sigterm_to_the_parent_stops_the_children_too(tmp_path: Path) -> None:
     task = jobs.Task(
         "sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "a"
     )
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     (outcome,) = jobs.run_tasks([task], jobs=1, out=DEVNULL)
     assert outcome.status == "stopped"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
+    """Under ``nohup`` (SIGHUP ignored) a closed terminal must not stop the runs."""
+    task = jobs.Task(
+        "short", [sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "a"
+    )
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGHUP))
+        timer.start()
+        (outcome,) = jobs.run_tasks([task], jobs=1, out=DEVNULL)
+        timer.join()
+        assert outcome.status == "finished"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 # ------------------------------------------------------------------ identical to serial runs
