@@ -65,6 +65,10 @@ class PruningCallback(TrainerCallback):
     >>> from prunekit.schedules import Polynomial
     >>> PruningCallback(Polynomial(0.0, 0.9, begin=0, end=100, frequency=10))
     PruningCallback(schedule=Polynomial(...), method='magnitude', scope='global')
+    >>> PruningCallback(Polynomial(0.0, 0.5, begin=0, end=100, frequency=10), structure="groups",
+    ...                 example_input=torch.ones(1, 8, dtype=torch.long), scope="layer",
+    ...                 options={"blocks_only": True})  # half the heads and MLP units
+    PruningCallback(schedule=Polynomial(...), structure='groups', scope='layer')
     """
 
     def __init__(
