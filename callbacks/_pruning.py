@@ -96,10 +96,11 @@ class Pruning(Callback):
             (parameter names or globs of the LightningModule) leaves the dependency
             groups with a member it matches dense, and they do not count in the
             sparsity (see ``GroupPruner``); ``options`` may hold ``reduce`` and
-            ``blocks_only``.
+            ``blocks_only``. A schedule that goes down is refused (masks only shrink).
         example_input: with ``structure="groups"``, an input of the LightningModule's
             ``forward`` for the trace (a tensor or a tuple of them; moved to the
-            module's device); ``None`` uses ``pl_module.example_input_array``.
+            module's device, floating-point tensors cast to its dtype, e.g. under
+            ``precision="bf16-true"``); ``None`` uses ``pl_module.example_input_array``.
 
     >>> from prunekit.schedules import Polynomial
     >>> Pruning(Polynomial(0.0, 0.9, begin=0, end=100, frequency=10), unit="step")
