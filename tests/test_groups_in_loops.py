@@ -444,14 +444,18 @@ def _ddp_worker(out: str, devices: int) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_gloo_ranks_have_identical_group_masks(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
+    repo = Path(__file__).resolve().parents[1]  # the worker imports tests.lit_helpers
     done = subprocess.run(
         [sys.executable, __file__, str(tmp_path), "2"],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
@@ -474,5 +478,4 @@ def test_ddp_two_gloo_ranks_have_identical_group_masks(tmp_path: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _ddp_worker(sys.argv[1], int(sys.argv[2]))
