@@ -17,12 +17,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from prunekit import SCOPES, GroupPruner, Pruner, Targets, get_method, pack_mask
+from prunekit import (
+    GROUP_OPTIONS,
+    SCOPES,
+    GroupPruner,
+    Pruner,
+    Targets,
+    check_group_arguments,
+    get_method,
+    pack_mask,
+)
 
 UNITS = ("step", "epoch")
 STRUCTURES = ("weights", "groups")
 #: options of structure="groups" (passed to GroupPruner)
-_GROUP_OPTIONS = ("reduce", "blocks_only")
 #: GroupPruner's defaults: a resume compares options with these filled in
 _GROUP_DEFAULTS = {"reduce": "normalized", "blocks_only": False}
 #: What a checkpoint entry of this callback holds: 2 adds the arguments it was written with.
@@ -360,8 +368,7 @@ class Pruning(Callback):
                 "structure='groups' traces the module and needs an example input: pass "
                 f"Pruning(..., example_input=...) or set {type(pl_module).__name__}.example_input_array"
             )
-        example = _like_module(example, pl_module)
-        options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
+        options = {k: v for k, v in self.pruner_args.items() if k in GROUP_OPTIONS}
         return GroupPruner(
             pl_module,
             example,
@@ -659,60 +666,14 @@ def _check_structure(
         if example_input is not None:
             raise ValueError("example_input= is only used with structure='groups'")
         return
-    if example_input is not None and not (
-        isinstance(example_input, torch.Tensor)
-        or (
-            isinstance(example_input, tuple)
-            and example_input
-            and all(isinstance(t, torch.Tensor) for t in example_input)
-        )
-    ):
-        raise TypeError(
-            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
-        )
     if amount is not None:
         raise ValueError(
             "structure='groups' needs a schedule of group sparsity; amount= (pruning a share "
             "of the remaining weights) is not supported with it"
         )
-    if method != "magnitude":
-        raise ValueError(
-            f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
-            "does not apply (leave the default)"
-        )
-    if targets is not None:
-        raise ValueError(
-            f"structure='groups' prunes every dependency group the trace finds; {targets=!r} "
-            "is not supported with it (leave groups dense with exclude=)"
-        )
     if not isinstance(exclude, str | Iterable) or isinstance(exclude, Mapping):
         raise TypeError(f"exclude={exclude!r} must be a name, a glob or a list of them")
-    unknown = sorted(set(options or {}) - set(_GROUP_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
-        )
-
-
-def _like_module(example: Any, pl_module: nn.Module) -> Any:
-    """``example`` (a tensor or a tuple) on the module's device, its floating-point tensors
-    in the module's floating-point dtype (the trainer may have converted the module, e.g.
-    ``precision="bf16-true"``); integer tensors (token ids) keep theirs. A new object:
-    the user's ``example_input`` is not changed."""
-    params = list(pl_module.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
-
-    def move(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
-
-    if isinstance(example, list | tuple):
-        return tuple(move(t) for t in example)
-    return move(example)
+    check_group_arguments(example_input, method=method, targets=targets, options=options)
 
 
 def follow_optimizers(

@@ -11,14 +11,22 @@ from prunekit.schedules import FromCallable, Schedule
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from prunekit import SCOPES, GroupPruner, Pruner, Targets, get_method, unpack_mask
+from prunekit import (
+    GROUP_OPTIONS,
+    SCOPES,
+    GroupPruner,
+    Pruner,
+    Targets,
+    check_group_arguments,
+    get_method,
+    unpack_mask,
+)
 
 #: The file the callback writes into each ``checkpoint-N`` folder.
 STATE_FILE = "prunekit_pruning.pt"
 _FORMAT = 1
 STRUCTURES = ("weights", "groups")
 #: options of structure="groups" (passed to GroupPruner)
-_GROUP_OPTIONS = ("reduce", "blocks_only")
 
 
 class PruningCallback(TrainerCallback):
@@ -202,10 +210,10 @@ class PruningCallback(TrainerCallback):
     def _make_pruner(self, model: torch.nn.Module) -> Pruner | GroupPruner:
         if self.structure == "weights":
             return Pruner(model, **self.pruner_args)
-        options = {k: v for k, v in self.pruner_args.items() if k in _GROUP_OPTIONS}
+        options = {k: v for k, v in self.pruner_args.items() if k in GROUP_OPTIONS}
         return GroupPruner(
             model,
-            _like_model(self.example_input, model),
+            self.example_input,
             scope=self.pruner_args["scope"],
             exclude=self.pruner_args["exclude"],
             **options,
@@ -326,47 +334,7 @@ def _check_structure(
             "structure='groups' needs example_input= (an input of the model's forward, "
             "e.g. torch.ones(1, 8, dtype=torch.long) for token ids)"
         )
-    if not (
-        isinstance(example_input, torch.Tensor)
-        or (
-            isinstance(example_input, tuple)
-            and example_input
-            and all(isinstance(t, torch.Tensor) for t in example_input)
-        )
-    ):
-        raise TypeError(
-            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
-        )
-    if method != "magnitude":
-        raise ValueError(
-            f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
-            "does not apply (leave the default)"
-        )
-    if targets is not None:
-        raise ValueError(
-            f"structure='groups' prunes every dependency group it finds; {targets=!r} is not "
-            "supported with it (leave groups dense with exclude=)"
-        )
-    unknown = sorted(set(options or {}) - set(_GROUP_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"options {unknown} are not options of structure='groups' (valid: {list(_GROUP_OPTIONS)})"
-        )
-
-
-def _like_model(example: Any, model: torch.nn.Module) -> Any:
-    """``example`` on the model's device, floating-point tensors in its floating-point
-    dtype (token ids keep theirs); a new object, the argument is not changed."""
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
-
-    return tuple(move(t) for t in example) if isinstance(example, tuple) else move(example)
+    check_group_arguments(example_input, method=method, targets=targets, options=options)
 
 
 def _describe(schedule: Schedule) -> Any:

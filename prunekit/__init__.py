@@ -14,7 +14,14 @@ from prunekit._compact import (
     compaction_report,
     model_cost,
 )
-from prunekit._groups import DependencyGraph, Group, GroupPruner, UnsupportedModelError
+from prunekit._groups import (
+    GROUP_OPTIONS,
+    DependencyGraph,
+    Group,
+    GroupPruner,
+    UnsupportedModelError,
+    check_group_arguments,
+)
 from prunekit._loop import SparsityScheduler
 from prunekit._masks import (
     Method,
@@ -51,6 +58,7 @@ from prunekit._state import pack_mask, unpack_mask
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "GROUP_OPTIONS",
     "SCOPES",
     "ActivationPruning",
     "CompactionReport",
@@ -68,6 +76,7 @@ __all__ = [
     "UnsupportedModelError",
     "activation_based_mask",
     "activation_mask",
+    "check_group_arguments",
     "compact",
     "compaction_report",
     "compress_state_dict",

@@ -196,6 +196,70 @@ def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+def _like_model(inputs: tuple[Tensor, ...], model: nn.Module) -> tuple[Tensor, ...]:
+    """``inputs`` on the model's device, floating-point tensors in its floating-point dtype
+    (a trainer may have converted the model, e.g. to bfloat16); integer tensors (token ids)
+    keep theirs. New tensors: the caller's are not changed."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+    return tuple(
+        t.to(device=device, dtype=dtype)
+        if dtype is not None and t.is_floating_point()
+        else t.to(device)
+        for t in inputs
+    )
+
+
+GROUP_OPTIONS = ("reduce", "blocks_only")
+
+
+def check_group_arguments(
+    example_input: Any,
+    *,
+    method: str = "magnitude",
+    targets: Any = None,
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise unless a training-loop callback's arguments fit ``structure="groups"``
+    (checked when the callback is made, before any training): ``example_input`` None or a
+    tensor / tuple of tensors, the default ``method``, no ``targets`` (``exclude=`` leaves
+    groups dense) and only :class:`GroupPruner` options (``reduce``, ``blocks_only``).
+
+    >>> check_group_arguments(torch.zeros(1, 4), options={"reduce": "sum"})
+    >>> check_group_arguments(None, method="wanda")
+    Traceback (most recent call last):
+    ...
+    ValueError: structure='groups' ranks whole groups by their members' L2 norms; method='wanda' does not apply (leave the default)
+    """
+    if example_input is not None and not (
+        isinstance(example_input, Tensor)
+        or (
+            isinstance(example_input, tuple)
+            and example_input
+            and all(isinstance(t, Tensor) for t in example_input)
+        )
+    ):
+        raise TypeError(
+            f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}"
+        )
+    if method != "magnitude":
+        raise ValueError(
+            f"structure='groups' ranks whole groups by their members' L2 norms; method={method!r} "
+            "does not apply (leave the default)"
+        )
+    if targets is not None:
+        raise ValueError(
+            f"structure='groups' prunes every dependency group the trace finds; {targets=!r} "
+            "is not supported with it (leave groups dense with exclude=)"
+        )
+    unknown = sorted(set(options or {}) - set(GROUP_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"options {unknown} are not options of structure='groups' (valid: {list(GROUP_OPTIONS)})"
+        )
+
+
 class DependencyGraph:
     """The dependency groups of ``model``, traced with ``torch.fx`` on ``example_input``.
 
@@ -224,6 +288,7 @@ class DependencyGraph:
             )
         if not isinstance(blocks_only, bool):
             raise TypeError(f"blocks_only={blocks_only!r} must be a bool")
+        inputs = _like_model(inputs, model)
         self.model = model
         self.example_input = inputs
         self.blocks_only = blocks_only
