@@ -21,7 +21,7 @@ from prunekit.experiments.models import build_model
 from prunekit.schedules import Polynomial
 from torch import nn
 
-from prunekit import GroupPruner, compact
+from prunekit import DependencyGraph, GroupPruner, compact
 from tests.lit_helpers import TinyNet, loader, trainer
 
 
@@ -551,3 +551,20 @@ def test_config_groups_exclude_runs_and_compacts(tmp_path: Path, single_thread: 
     assert (small.fc1.out_features, small.fc2.out_features) == (300, 50)
     with torch.no_grad():
         torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=0)
+
+
+def test_example_input_follows_the_model_dtype_and_is_not_changed() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    x = torch.ones(1, 4)  # float32, as users write it
+    graph = DependencyGraph(model, x)
+    assert x.dtype == torch.float32  # the caller's tensor is left alone
+    assert graph.example_input[0].dtype == torch.float64
+    masks = graph.group_masks(0.5)  # 3 of the 6 hidden units kept
+    assert int(masks["0.weight"].all(dim=1).sum()) == 3
+    ids = torch.tensor([[1, 2]])
+    emb = nn.Sequential(
+        nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2)
+    )
+    assert (
+        DependencyGraph(emb.double(), ids).example_input[0].dtype == torch.long
+    )  # ids keep theirs
