@@ -159,6 +159,8 @@ def taylor_mask(
     accumulation and DDP (a per-backward absolute value would depend on how a batch is
     split into micro-batches and ranks); for one batch (one-shot, ``calibrate`` over a
     single batch) the two agree. Statistics: one float32 per weight, reset at each update.
+    Under ``scope="global"`` a target frozen during backward passes that reached the
+    others (unfrozen part-way) makes ``prune_to`` raise: its sum covers fewer passes.
 
     >>> taylor_mask(torch.tensor([1.0, -2.0, 3.0, 0.5]), 2, grad=torch.tensor([1.0, 1.0, 0.1, -4.0]))
     tensor([False,  True, False,  True])
@@ -208,9 +210,9 @@ def movement_mask(
 
     In a Pruner the sum is the engine's ``grads`` statistic over every backward pass. As in
     the paper the scores accumulate over the whole training, not only since the last
-    update (they are saved in ``Pruner.state_dict()`` for resuming); ``reset=True``
-    restarts them after each update instead. Statistics: one float32 per weight, kept
-    across updates.
+    update (they are saved in ``Pruner.state_dict()`` for resuming, with ``reset``: a
+    Pruner with the other ``reset`` refuses to load them); ``reset=True`` restarts them
+    after each update instead. Statistics: one float32 per weight, kept across updates.
 
     >>> movement_mask(torch.ones(4), 2, weight_grad_sum=torch.tensor([0.5, -1.0, 2.0, 0.0]))
     tensor([False,  True, False,  True])
@@ -356,6 +358,23 @@ def activation_based_mask(
         activity=activity(y, criterion=criterion, channel_dim=channel),
         mask=mask,
     )
+
+
+# Options that change what a method's statistics mean (name -> default), saved with the
+# statistics in ``Pruner.state_dict()`` and compared on loading: movement's ``reset``
+# decides whether its sums cover the whole training or only the backward passes since the
+# last update. (Other options, such as wanda's ``per_output`` or activation's
+# ``criterion``, only change how the same sums are ranked.)
+STATS_OPTIONS: dict[str, dict[str, Any]] = {"movement": {"reset": False}}
+
+
+def stats_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``method`` that change what its statistics mean, with defaults.
+
+    >>> stats_options("movement", {}), stats_options("taylor", {})
+    ({'reset': False}, {})
+    """
+    return {k: options.get(k, d) for k, d in STATS_OPTIONS.get(method, {}).items()}
 
 
 register_method("wanda")(

@@ -29,7 +29,7 @@ from prunekit._distributed import (
     structured_mask,
 )
 from prunekit._masks import Method, _prune_slices, get_method, list_methods, zero_pruned_
-from prunekit._methods import rank_rows
+from prunekit._methods import rank_rows, stats_options
 from prunekit._report import SparsityReport, TargetSparsity
 from prunekit._select import KeySource, RandomKeys, count_true
 from prunekit._select_wide import WideKeys, key_source, select_lowest
@@ -298,6 +298,7 @@ class Pruner:
         self._stats = Statistics(
             model,
             {n: (t.method, t.param, get_method(t.method).needs) for n, t in self._targets.items()},
+            {n: stats_options(t.method, t.options) for n, t in self._targets.items()},
         )
         self.masks: dict[str, Tensor] = {  # contiguous whatever the parameter's layout
             name: new_mask(t.param)  # a DTensor for a DTensor parameter
@@ -562,6 +563,7 @@ class Pruner:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.updates)
         # (targets given scores by the caller need no statistics)
         stats = self._gather_stats([n for n in self._targets if n in amounts and n not in scores])
+        self._check_backwards([n for n in group if n in stats], stats)
         plan = _Plan(updated=list(amounts))
         if group and get_method(self.method).ranks == "slices":
             plan.masks.update(self._global_slices(group, sparsity, scores, stats))
@@ -672,6 +674,25 @@ class Pruner:
                     "pruner attached to the optimizer first"
                 )
         return stats
+
+    def _check_backwards(self, names: list[str], stats: Mapping[str, TargetStats]) -> None:
+        """Refuse to rank gradient sums together when a target could not be observed during
+        backward passes that reached the others (frozen, or unfrozen part-way and hooked
+        only at the next optimizer step): its sum covers fewer passes, so the sums are not
+        comparable. (A pass that does not reach a weight adds zero to its sum: no error.)"""
+        grads = [n for n in names if "grads" in self._stats.sites[n].needs]
+        short = [n for n in grads if stats[n].missed]
+        if len(grads) > 1 and short:
+            seen = ", ".join(f"{n}: {stats[n].backwards}" for n in grads)
+            raise ValueError(
+                f"method={self.method!r} with scope='global' ranks the gradient sums of "
+                f"{grads} together, but {short} could not be observed during some backward "
+                f"passes (frozen, or unfrozen part-way: hooked only from the next optimizer "
+                f"step); backward passes seen since the statistics were last reset: {seen}. "
+                "Their sums are not comparable: rank the targets alone (scope='layer' or a "
+                "mapping of per-target sparsities), or collect statistics for a new Pruner with "
+                "every target requiring gradients"
+            )
 
     def _scores(
         self, name: str, stats: Mapping[str, TargetStats], shape: tuple[int, ...]
@@ -1303,6 +1324,7 @@ class Pruner:
         new._stats = Statistics(
             model,
             {n: (t.method, t.param, get_method(t.method).needs) for n, t in new._targets.items()},
+            {n: stats_options(t.method, t.options) for n, t in new._targets.items()},
         )
         if self._stats:
             new._stats.load(self._stats.check_state(self._stats.local_state()))

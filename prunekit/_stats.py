@@ -68,7 +68,9 @@ class TargetStats:
     per input channel and kernel position, the im2col column norms); ``grads`` is ``sum W * g`` (weight shape);
     ``out_abs`` / ``out_pos`` are per output channel sums of ``|y|`` / counts of ``y > 0``
     over ``positions`` output positions. ``rows`` input rows and ``backwards`` backward
-    passes were seen.
+    passes were seen; ``missed`` backward passes reached other targets' gradients while
+    this one could not be observed (frozen, or unfrozen and not yet hooked), so ``grads``
+    lacks whatever they would have contributed.
     """
 
     input_norm: Tensor | None = None
@@ -78,6 +80,7 @@ class TargetStats:
     out_abs: Tensor | None = None
     out_pos: Tensor | None = None
     positions: int = 0
+    missed: int = 0
 
 
 def _dist() -> bool:
@@ -95,7 +98,9 @@ class _Site:
     def __init__(self, name: str, param: Tensor, module: nn.Module | None, needs: set[str]) -> None:
         self.name, self.param, self.module, self.needs = name, param, module, needs
         self.values: dict[str, Tensor] = {}  # buffers, made when hooked
-        self.counts: dict[str, int] = {"rows": 0, "backwards": 0, "positions": 0}
+        # (``missed``: backward passes of other targets while this one was unobserved;
+        # not saved in state_dict)
+        self.counts: dict[str, int] = {"rows": 0, "backwards": 0, "positions": 0, "missed": 0}
 
     def buffers(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The buffers this site needs: name -> (shape, dtype)."""
@@ -176,12 +181,18 @@ class Statistics:
     """The statistics of a Pruner's targets: buffers, hooks, reduction and state."""
 
     def __init__(
-        self, model: nn.Module, needs: Mapping[str, tuple[str, Tensor, Iterable[str]]]
+        self,
+        model: nn.Module,
+        needs: Mapping[str, tuple[str, Tensor, Iterable[str]]],
+        options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """``needs``: target name -> (method name, parameter, statistics it needs)."""
+        """``needs``: target name -> (method name, parameter, statistics it needs);
+        ``options``: target name -> the method options that change what its statistics
+        mean (saved with them and compared on loading)."""
         self.model = model
         self.sites: dict[str, _Site] = {}
         self.methods: dict[str, str] = {}
+        self.options: dict[str, dict[str, Any]] = {}
         for name, (method, param, stats) in needs.items():
             wanted = set(stats)
             if not wanted:
@@ -202,8 +213,10 @@ class Statistics:
                 )
             self.sites[name] = _Site(name, param, module, wanted)
             self.methods[name] = method
+            self.options[name] = dict((options or {}).get(name, {}))
         self.handles: dict[str, list[RemovableHandle]] = {}  # forward hooks per target
         self.grad_handles: dict[str, tuple[Tensor, RemovableHandle]] = {}
+        self.unobserved: list[_Site] = []  # sites needing gradients with no gradient hook (frozen)
         self.calibrating = False
 
     def __bool__(self) -> bool:
@@ -254,6 +267,9 @@ class Statistics:
                     site.param,
                     site.param.register_hook(self._grad_hook(site, site.param)),
                 )
+        self.unobserved = [
+            s for n, s in self.sites.items() if "grads" in s.needs and n not in self.grad_handles
+        ]
 
     def unhook(self) -> None:
         for handles in self.handles.values():
@@ -261,7 +277,7 @@ class Statistics:
                 handle.remove()
         for _, handle in self.grad_handles.values():
             handle.remove()
-        self.handles, self.grad_handles = {}, {}
+        self.handles, self.grad_handles, self.unobserved = {}, {}, []
 
     def strip_copies(self, memo: Mapping[int, Any]) -> None:
         """Remove this collector's forward hooks from deep copies of the hooked modules
@@ -327,6 +343,8 @@ class Statistics:
                 else:
                     buf.add_(w.to(buf.dtype) * grad.to(buf.dtype))
                 site.counts["backwards"] += 1
+            for other in self.unobserved:  # a pass (or part of one) it cannot see
+                other.counts["missed"] += 1
 
         return record
 
@@ -347,7 +365,7 @@ class Statistics:
             shared = _dist()  # (a copy to sum into; one process reads its buffers as they are)
             values = {k: v.clone() if shared else v for k, v in sorted(site.values.items())}
             counts = torch.tensor(
-                [site.counts[k] for k in ("rows", "backwards", "positions")],
+                [site.counts[k] for k in ("rows", "backwards", "positions", "missed")],
                 dtype=torch.float64,
                 device=site.param.device,
             )
@@ -355,8 +373,8 @@ class Statistics:
                 for v in values.values():
                     dist.all_reduce(v)
                 dist.all_reduce(counts)
-            rows, backwards, positions = (int(c) for c in counts.tolist())
-            stats = TargetStats(rows=rows, backwards=backwards, positions=positions)
+            rows, backwards, positions, missed = (int(c) for c in counts.tolist())
+            stats = TargetStats(rows=rows, backwards=backwards, positions=positions, missed=missed)
             if "inputs_sq" in values:
                 stats.input_norm = _broadcast_norm(site, values["inputs_sq"].sqrt())
             stats.grads = values.get("grads")
@@ -424,6 +442,7 @@ class Statistics:
             rows, backwards, positions = (int(c) for c in counts.tolist())
             reduced[name] = {
                 "method": self.methods[name],
+                "options": dict(self.options[name]),
                 "values": {k: v.cpu() for k, v in values.items()},
                 "counts": {"rows": rows, "backwards": backwards, "positions": positions},
             }
@@ -454,6 +473,17 @@ class Statistics:
                     f"{where} was collected for method={entry['method']!r}, this target "
                     f"uses method={self.methods[name]!r}"
                 )
+            saved_options = entry.get("options", {})  # absent: saved before the record
+            if not isinstance(saved_options, Mapping):
+                raise ValueError(f"{where} options must be a dict, got {saved_options!r}")
+            for key, now in self.options[name].items():
+                if key in saved_options and saved_options[key] != now:
+                    raise ValueError(
+                        f"{where} was collected with {key}={saved_options[key]!r}, this "
+                        f"Pruner uses {key}={now!r} for {name} (method="
+                        f"{self.methods[name]!r}): the statistics would mean something else; "
+                        f"load them into a Pruner with {key}={saved_options[key]!r}"
+                    )
             expected = site.buffers()
             values = entry["values"]
             if not isinstance(values, Mapping) or set(values) != set(expected):
@@ -507,7 +537,9 @@ class Statistics:
             site.ensure()
             for key, v in entry["values"].items():
                 site.values[key].copy_(v if keep else torch.zeros_like(v))
-            site.counts = dict(entry["counts"]) if keep else dict.fromkeys(site.counts, 0)
+            site.counts = dict.fromkeys(site.counts, 0)
+            if keep:
+                site.counts.update(entry["counts"])
 
 
 def _conv_column_squares(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:

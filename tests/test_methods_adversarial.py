@@ -311,3 +311,94 @@ def test_oneshot_calibration_leaves_batchnorm_buffers_and_mode_alone(method: str
     for key, value in before.items():  # magnitude never touches them: neither may calibration
         assert torch.equal(after[key], value), key
     assert model.training
+
+
+# ------------------------------------------------- resuming with other options
+def _movement_state(reset: bool) -> dict:
+    pruner = Pruner(_mlp(), method="movement", reset=reset)
+    pruner.calibrate([torch.randn(3, 4)], loss_fn=lambda out, batch: out.sum())
+    return pruner.state_dict()
+
+
+@pytest.mark.parametrize(("saved", "loading"), [(False, True), (True, False)])
+def test_movement_stats_with_other_reset_are_refused_by_name(saved: bool, loading: bool) -> None:
+    state = _movement_state(saved)
+    pruner = Pruner(_mlp(1), method="movement", reset=loading)
+    before = pruner.state_dict()
+    with pytest.raises(ValueError, match=rf"0\.weight.*reset={saved}.*reset={loading}"):
+        pruner.load_state_dict(state)
+    after = pruner.state_dict()  # nothing changed: still no statistics, no update
+    assert after["updates"] == 0
+    for name in ("0.weight", "2.weight"):
+        assert (
+            after["stats"]["targets"][name]["counts"]
+            == before["stats"]["targets"][name]["counts"]
+            == {"rows": 0, "backwards": 0, "positions": 0}
+        )
+
+
+def test_movement_stats_with_same_reset_or_without_a_record_load() -> None:
+    state = _movement_state(False)
+    Pruner(_mlp(1), method="movement", reset=False).load_state_dict(state)
+    for entry in state["stats"]["targets"].values():  # a state saved before the record
+        entry.pop("options", None)
+    pruner = Pruner(_mlp(1), method="movement", reset=True)
+    pruner.load_state_dict(state)
+    assert _stats(pruner, "0.weight")["counts"]["backwards"] == 1
+
+
+# ------------------------------------- unfreezing during gradient accumulation
+def test_global_taylor_refuses_targets_with_different_backward_counts() -> None:
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    pruner = Pruner(model, method="taylor")
+    optimizer = torch.optim.SGD([p for p in model.parameters()], lr=0.0)
+    pruner.attach(optimizer)
+    model(torch.randn(3, 4)).sum().backward()  # 0.weight frozen: 2.weight only
+    model[0].weight.requires_grad_(True)
+    model(torch.randn(3, 4)).sum().backward()  # unfrozen mid-accumulation
+    optimizer.step()
+    optimizer.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    # by hand: 2.weight saw 3 backward passes; 0.weight at most 2 (the 1st was frozen)
+    counts = {n: _stats(pruner, n)["counts"]["backwards"] for n in ("0.weight", "2.weight")}
+    assert counts["2.weight"] == 3 and counts["0.weight"] < 3
+    with pytest.raises(
+        ValueError,
+        match=rf"0\.weight.*{counts['0.weight']}.*2\.weight.*3|2\.weight.*3.*0\.weight.*{counts['0.weight']}",
+    ):
+        pruner.prune_to(0.5)
+    assert all(bool(m.all()) for m in pruner.masks.values())
+    # scope="layer" ranks each target alone: its own count is no problem
+    layer = Pruner(_mlp(), method="taylor", scope="layer")
+    layer.calibrate([torch.randn(3, 4)], loss_fn=lambda out, batch: out.sum())
+    layer.prune_to(0.5)
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor, both: bool = True) -> torch.Tensor:
+        return self.a(x) + self.b(x) if both else self.a(x)
+
+
+def test_global_taylor_ranks_a_target_some_passes_do_not_reach() -> None:
+    # a pass that does not reach a weight adds zero to its sum (an unused branch, an MoE
+    # expert no token was routed to): different counts, comparable sums, no error
+    model = _TwoBranches()
+    pruner = Pruner(model, method="taylor")
+    pruner.attach(torch.optim.SGD(model.parameters(), lr=0.0))
+    x1, x2 = torch.tensor([[1.0, -2.0], [3.0, 0.5]]), torch.tensor([[-1.0, 4.0], [2.0, 2.0]])
+    model(x1, both=False).sum().backward()
+    model(x2).sum().backward()
+    # by hand: d(sum of x @ W.T)/dW[i, j] = sum over rows of x[:, j], for every i
+    s1, s2 = x1.sum(0).expand(2, 2), x2.sum(0).expand(2, 2)
+    wa, wb = model.a.weight.detach().clone(), model.b.weight.detach().clone()
+    scores = torch.cat([(wa * (s1 + s2)).abs().flatten(), (wb * s2).abs().flatten()])
+    pruner.prune_to(0.5)
+    keep = _lowest_mask(scores, 4)
+    assert torch.equal(pruner.masks["a.weight"].flatten(), keep[:4])
+    assert torch.equal(pruner.masks["b.weight"].flatten(), keep[4:])
