@@ -99,7 +99,7 @@ class _Site:
         self.name, self.param, self.module, self.needs = name, param, module, needs
         self.values: dict[str, Tensor] = {}  # buffers, made when hooked
         # (``missed``: backward passes of other targets while this one was unobserved;
-        # not saved in state_dict)
+        # saved in state_dict only when not 0)
         self.counts: dict[str, int] = {"rows": 0, "backwards": 0, "positions": 0, "missed": 0}
 
     def buffers(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -431,7 +431,7 @@ class Statistics:
             site.ensure()
             values = {k: v.detach().clone() for k, v in sorted(site.values.items())}
             counts = torch.tensor(
-                [site.counts[k] for k in ("rows", "backwards", "positions")],
+                [site.counts[k] for k in ("rows", "backwards", "positions", "missed")],
                 dtype=torch.float64,
                 device=site.param.device,
             )
@@ -439,12 +439,15 @@ class Statistics:
                 for v in values.values():
                     dist.all_reduce(v)
                 dist.all_reduce(counts)
-            rows, backwards, positions = (int(c) for c in counts.tolist())
+            rows, backwards, positions, missed = (int(c) for c in counts.tolist())
+            saved = {"rows": rows, "backwards": backwards, "positions": positions}
+            if missed:  # (only then: a prunekit that cannot honour it refuses the state)
+                saved["missed"] = missed
             reduced[name] = {
                 "method": self.methods[name],
                 "options": dict(self.options[name]),
                 "values": {k: v.cpu() for k, v in values.items()},
-                "counts": {"rows": rows, "backwards": backwards, "positions": positions},
+                "counts": saved,
             }
         return {"format": _STATE_FORMAT, "targets": reduced}
 
@@ -515,14 +518,17 @@ class Statistics:
             counts = entry["counts"]
             if (
                 not isinstance(counts, Mapping)
-                or set(counts) != {"rows", "backwards", "positions"}
+                or not {"rows", "backwards", "positions"}
+                <= set(counts)
+                <= {"rows", "backwards", "positions", "missed"}
                 or not all(
                     isinstance(c, int) and not isinstance(c, bool) and c >= 0
                     for c in counts.values()
                 )
             ):
                 raise ValueError(
-                    f"{where} counts must be non-negative ints for rows, backwards, positions"
+                    f"{where} counts must be non-negative ints for rows, backwards, positions "
+                    "(and optionally missed)"
                 )
             out[name] = {"values": values, "counts": dict(counts)}
         return out

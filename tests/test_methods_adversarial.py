@@ -8,6 +8,8 @@ of positive outputs, ``|W| * norm`` ranked by brute force), never by the code un
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -369,6 +371,12 @@ def test_global_taylor_refuses_targets_with_different_backward_counts() -> None:
     ):
         pruner.prune_to(0.5)
     assert all(bool(m.all()) for m in pruner.masks.values())
+    # a resumed or deep-copied Pruner still knows 0.weight missed passes
+    resumed = Pruner(_mlp(), method="taylor")
+    resumed.load_state_dict(pruner.state_dict())
+    for other in (resumed, copy.deepcopy(pruner)):
+        with pytest.raises(ValueError, match=r"could not be observed"):
+            other.prune_to(0.5)
     # scope="layer" ranks each target alone: its own count is no problem
     layer = Pruner(_mlp(), method="taylor", scope="layer")
     layer.calibrate([torch.randn(3, 4)], loss_fn=lambda out, batch: out.sum())
