@@ -68,9 +68,9 @@ class TargetStats:
     per input channel and kernel position, the im2col column norms); ``grads`` is ``sum W * g`` (weight shape);
     ``out_abs`` / ``out_pos`` are per output channel sums of ``|y|`` / counts of ``y > 0``
     over ``positions`` output positions. ``rows`` input rows and ``backwards`` backward
-    passes were seen; ``missed`` backward passes reached other targets' gradients while
-    this one could not be observed (frozen, or unfrozen and not yet hooked), so ``grads``
-    lacks whatever they would have contributed.
+    passes were seen; ``missed`` counts gradients of other targets that arrived while
+    this one could not be observed (frozen, or unfrozen and not yet hooked): when not 0,
+    ``grads`` lacks some backward passes (a count of hook calls, not of passes).
     """
 
     input_norm: Tensor | None = None
