@@ -29,7 +29,6 @@ from prunekit import (
 )
 
 UNITS = ("step", "epoch")
-STRUCTURES = ("weights", "groups")
 #: options of structure="groups" (passed to GroupPruner)
 #: GroupPruner's defaults: a resume compares options with these filled in
 _GROUP_DEFAULTS = {"reduce": "normalized", "blocks_only": False}
@@ -660,11 +659,8 @@ def _check_structure(
     options: Mapping[str, Any] | None,
 ) -> None:
     """``structure`` and what ``structure="groups"`` cannot be combined with."""
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure={structure!r} must be one of {STRUCTURES}")
+    check_group_arguments(structure, example_input, method=method, targets=targets, options=options)
     if structure == "weights":
-        if example_input is not None:
-            raise ValueError("example_input= is only used with structure='groups'")
         return
     if amount is not None:
         raise ValueError(
@@ -673,7 +669,6 @@ def _check_structure(
         )
     if not isinstance(exclude, str | Iterable) or isinstance(exclude, Mapping):
         raise TypeError(f"exclude={exclude!r} must be a name, a glob or a list of them")
-    check_group_arguments(example_input, method=method, targets=targets, options=options)
 
 
 def follow_optimizers(

@@ -148,8 +148,9 @@ def lottery_points(
     }
 
 
-def _error_line(ax: Any, label: str, points: Sequence[Sequence[Any]]) -> None:
-    """One line of (fraction, mean, sample std, n) points, x in percent, n in the label."""
+def _error_line(ax: Any, label: str, points: Sequence[Sequence[Any]], **style: Any) -> None:
+    """One line of (fraction, mean, sample std, n) points, x in percent, n in the label;
+    ``style``: more matplotlib line options (e.g. ``linestyle``)."""
     ax.errorbar(
         [100 * p[0] for p in points],
         [p[1] for p in points],
@@ -158,6 +159,7 @@ def _error_line(ax: Any, label: str, points: Sequence[Sequence[Any]]) -> None:
         markersize=3,
         capsize=2,
         label=f"{label} (n={max(p[3] for p in points)})",
+        **style,
     )
 
 
@@ -230,17 +232,7 @@ def oneshot_figure(summaries: Sequence[dict[str, Any]]) -> Any:
         "test accuracy",
     )
     for label, points in oneshot_points(summaries).items():
-        n = max(p[3] for p in points)
-        ax.errorbar(
-            [100 * p[0] for p in points],
-            [p[1] for p in points],
-            yerr=[p[2] or 0.0 for p in points],
-            marker="o",
-            markersize=3,
-            capsize=2,
-            linestyle="--" if label.endswith("(layer)") else "-",
-            label=f"{label} (n={n})",
-        )
+        _error_line(ax, label, points, linestyle="--" if label.endswith("(layer)") else "-")
     dense, _, n = mean_std(s["dense_test_acc"] for s in summaries)
     ax.axhline(dense, linestyle=":", color="0.4", label=f"dense (mean of {n})")
     ax.legend(fontsize="small")

@@ -25,7 +25,6 @@ from prunekit import (
 #: The file the callback writes into each ``checkpoint-N`` folder.
 STATE_FILE = "prunekit_pruning.pt"
 _FORMAT = 1
-STRUCTURES = ("weights", "groups")
 #: options of structure="groups" (passed to GroupPruner)
 
 
@@ -323,18 +322,14 @@ def _check_structure(
     options: Mapping[str, Any] | None,
 ) -> None:
     """``structure`` and what ``structure="groups"`` cannot be combined with."""
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure={structure!r} must be one of {STRUCTURES}")
+    check_group_arguments(structure, example_input, method=method, targets=targets, options=options)
     if structure == "weights":
-        if example_input is not None:
-            raise ValueError("example_input= is only used with structure='groups'")
         return
     if example_input is None:
         raise ValueError(
             "structure='groups' needs example_input= (an input of the model's forward, "
             "e.g. torch.ones(1, 8, dtype=torch.long) for token ids)"
         )
-    check_group_arguments(example_input, method=method, targets=targets, options=options)
 
 
 def _describe(schedule: Schedule) -> Any:

@@ -16,6 +16,7 @@ from prunekit._compact import (
 )
 from prunekit._groups import (
     GROUP_OPTIONS,
+    STRUCTURES,
     DependencyGraph,
     Group,
     GroupPruner,
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_MODULE_TYPES",
     "GROUP_OPTIONS",
     "SCOPES",
+    "STRUCTURES",
     "ActivationPruning",
     "CompactionReport",
     "DependencyGraph",

@@ -212,26 +212,36 @@ def _like_model(inputs: tuple[Tensor, ...], model: nn.Module) -> tuple[Tensor, .
 
 
 GROUP_OPTIONS = ("reduce", "blocks_only")
+#: what a training-loop callback prunes: weights (a Pruner) or dependency groups
+STRUCTURES = ("weights", "groups")
 
 
 def check_group_arguments(
+    structure: str,
     example_input: Any,
     *,
     method: str = "magnitude",
     targets: Any = None,
     options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raise unless a training-loop callback's arguments fit ``structure="groups"``
-    (checked when the callback is made, before any training): ``example_input`` None or a
-    tensor / tuple of tensors, the default ``method``, no ``targets`` (``exclude=`` leaves
-    groups dense) and only :class:`GroupPruner` options (``reduce``, ``blocks_only``).
+    """Raise unless a training-loop callback's ``structure`` is one of :data:`STRUCTURES`
+    and its arguments fit it (checked when the callback is made, before any training):
+    ``example_input`` only with ``"groups"``, and there None or a tensor / tuple of
+    tensors, the default ``method``, no ``targets`` (``exclude=`` leaves groups dense) and
+    only :class:`GroupPruner` options (``reduce``, ``blocks_only``).
 
-    >>> check_group_arguments(torch.zeros(1, 4), options={"reduce": "sum"})
-    >>> check_group_arguments(None, method="wanda")
+    >>> check_group_arguments("groups", torch.zeros(1, 4), options={"reduce": "sum"})
+    >>> check_group_arguments("groups", None, method="wanda")
     Traceback (most recent call last):
     ...
     ValueError: structure='groups' ranks whole groups by their members' L2 norms; method='wanda' does not apply (leave the default)
     """
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} must be one of {STRUCTURES}")
+    if structure == "weights":
+        if example_input is not None:
+            raise ValueError("example_input= is only used with structure='groups'")
+        return
     if example_input is not None and not (
         isinstance(example_input, Tensor)
         or (
